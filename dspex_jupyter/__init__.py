@@ -1,0 +1,50 @@
+"""dspex-jupyter: run DSPy optimization from Jupyter on pools of managed kernels.
+
+The public API is imported lazily so that pool kernels, which import
+``dspex_jupyter.runtime``, never pay for the client side.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PoolSpec": "dspex_jupyter.core.spec",
+    "load_pool_specs": "dspex_jupyter.core.spec",
+    "PoolManager": "dspex_jupyter.core.manager",
+    "Pool": "dspex_jupyter.core.pool",
+    "Session": "dspex_jupyter.core.session",
+    "ExecuteResult": "dspex_jupyter.core.session",
+}
+_ERRORS = (
+    "DspexError",
+    "RemoteError",
+    "DependencyMissing",
+    "KernelDied",
+    "SessionKernelLost",
+    "SessionClosed",
+    "PoolExhausted",
+    "PoolStartError",
+    "CallTimeout",
+    "InvalidSpec",
+    "EnvError",
+    "EnvironmentNotFound",
+    "RuntimeNotInstalled",
+    "ProtocolMismatch",
+    "PoolNotFound",
+    "PoolClosed",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _ERRORS:
+        return getattr(importlib.import_module("dspex_jupyter.core.errors"), name)
+    raise AttributeError(f"module 'dspex_jupyter' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY, *_ERRORS]

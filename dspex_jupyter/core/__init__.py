@@ -1,0 +1,1 @@
+"""Client side: runs in the notebook process (specs, environments, kernels, pools, sessions)."""

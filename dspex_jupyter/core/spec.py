@@ -1,0 +1,186 @@
+"""Pool specifications: in Python, in ``dspex.toml``, or under ``[tool.dspex.pools.NAME]``."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidSpec
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1}
+for _i, _p in enumerate("KMGT", start=1):
+    _UNITS[f"{_p}B"] = 1000**_i
+    _UNITS[_p] = 1024**_i
+    _UNITS[f"{_p}IB"] = 1024**_i
+MAX_POOL_SIZE = 256
+
+
+def check_name(kind: str, name: Any) -> str:
+    """Names become folder and kernelspec names: letters, digits, ``_ . -``, no paths."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidSpec(
+            f"invalid {kind} name {name!r}",
+            hint="use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def parse_memory(value: Any) -> int | None:
+    """``"512MB"`` (decimal), ``"4GiB"`` or ``"4G"`` (binary), or a byte count, to bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidSpec(f"invalid memory size {value!r}", hint='use a string such as "4GB"')
+    if isinstance(value, int):
+        if value <= 0:
+            raise InvalidSpec(f"memory size must be positive, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _MEMORY_PATTERN.match(value)
+        if match:
+            number, unit = float(match.group(1)), (match.group(2) or "").upper()
+            if unit in _UNITS and number > 0:
+                return int(number * _UNITS[unit])
+    raise InvalidSpec(
+        f"invalid memory size {value!r}",
+        hint='use a positive number of bytes or a string such as "512MB", "4GB" or "2GiB"',
+    )
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """What a pool is: where its kernels come from and how many, with what limits.
+
+    Exactly one of ``env`` (a ``dspex env`` environment), ``kernel`` (a kernelspec name)
+    or ``python`` (an interpreter, e.g. a conda env's) says where kernels come from; with
+    none, kernels use the Python running the notebook.
+    """
+
+    name: str
+    env: str | None = None
+    kernel: str | None = None
+    python: str | None = None
+    size: int = 1
+    max_memory: int | str | None = None
+    env_vars: dict[str, str] = field(default_factory=dict)
+    gpu: bool = False
+    warmup: tuple[str, ...] = ()
+    startup: str = ""
+    call_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        check_name("pool", self.name)
+        sources = [k for k in ("env", "kernel", "python") if getattr(self, k) is not None]
+        if len(sources) > 1:
+            raise InvalidSpec(
+                f"pool {self.name!r} names {' and '.join(sources)}",
+                hint="give exactly one of env=, kernel= or python=",
+            )
+        for key in ("env", "kernel", "python"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidSpec(f"pool {self.name!r}: {key} must be a non-empty string")
+        if self.env is not None:
+            check_name("environment", self.env)
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise InvalidSpec(f"pool {self.name!r}: size must be an integer, got {self.size!r}")
+        if not 1 <= self.size <= MAX_POOL_SIZE:
+            raise InvalidSpec(
+                f"pool {self.name!r}: size must be between 1 and {MAX_POOL_SIZE}, got {self.size}"
+            )
+        object.__setattr__(self, "max_memory", parse_memory(self.max_memory))
+        if not isinstance(self.env_vars, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.env_vars.items()
+        ):
+            raise InvalidSpec(
+                f"pool {self.name!r}: env_vars must map strings to strings",
+                hint='e.g. env_vars={"OPENAI_API_KEY": os.environ["OPENAI_API_KEY"]}',
+            )
+        if not isinstance(self.gpu, bool):
+            raise InvalidSpec(f"pool {self.name!r}: gpu must be true or false")
+        warmup = (self.warmup,) if isinstance(self.warmup, str) else self.warmup
+        if not isinstance(warmup, list | tuple) or not all(isinstance(m, str) for m in warmup):
+            raise InvalidSpec(f"pool {self.name!r}: warmup must be a list of module names")
+        object.__setattr__(self, "warmup", tuple(warmup))
+        if self.call_timeout is not None and (
+            isinstance(self.call_timeout, bool)
+            or not isinstance(self.call_timeout, int | float)
+            or self.call_timeout <= 0
+        ):
+            raise InvalidSpec(
+                f"pool {self.name!r}: call_timeout must be a positive number of seconds"
+            )
+        if not isinstance(self.startup, str):
+            raise InvalidSpec(f"pool {self.name!r}: startup must be a string of Python code")
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return self.max_memory  # type: ignore[return-value]  # normalised in __post_init__
+
+    @classmethod
+    def from_mapping(cls, name: str, data: Any) -> PoolSpec:
+        if not isinstance(data, dict):
+            raise InvalidSpec(
+                f"pool {name!r}: its table must be a mapping, got {type(data).__name__}"
+            )
+        known = set(cls.__dataclass_fields__) - {"name"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidSpec(
+                f"pool {name!r}: unknown key(s) {', '.join(unknown)}",
+                hint=f"known keys: {', '.join(sorted(known))}",
+            )
+        return cls(name=name, **data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidSpec(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_pool_specs(path: str | Path | None = None) -> list[PoolSpec]:
+    """Read pools from ``dspex.toml`` (``[pools.NAME]``) or ``pyproject.toml``
+    (``[tool.dspex.pools.NAME]``); with no path, look in the current folder."""
+    if path is None:
+        for candidate in (Path("dspex.toml"), Path("pyproject.toml")):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise InvalidSpec(
+                "no dspex.toml or pyproject.toml in the current folder",
+                hint="pass the configuration file's path",
+            )
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidSpec(f"configuration file {str(path)!r} does not exist")
+    data = _read_toml(path)
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("dspex", {})
+    pools = data.get("pools", {})
+    if not isinstance(pools, dict):
+        raise InvalidSpec(f"{path}: 'pools' must be a table of pool tables")
+    return [PoolSpec.from_mapping(name, table) for name, table in pools.items()]

@@ -1,0 +1,358 @@
+"""One managed kernel: its jupyter_client manager and client, the dspex comm, and the
+requests in flight on it. Lives on the manager's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client import AsyncKernelManager
+from jupyter_client.session import Session as JupyterSession
+
+from .. import protocol
+from .errors import (
+    KernelDied,
+    ProtocolMismatch,
+    RemoteError,
+    RuntimeNotInstalled,
+    SessionKernelLost,
+    Where,
+    classify,
+)
+from .launch import KernelSource
+
+BOOTSTRAP = (
+    "import dspex_jupyter.runtime as __dspex_runtime\n"
+    "__dspex_runtime.install()\n"
+    "del __dspex_runtime\n"
+)
+OUTPUT_TYPES = frozenset(
+    {"stream", "display_data", "execute_result", "update_display_data", "clear_output"}
+)
+_worker_numbers = itertools.count()
+
+
+@dataclass
+class _Execution:
+    """An execute_request in flight: its outputs arrive on IOPub, its reply on shell."""
+
+    on_output: Callable[[dict[str, Any]], None] | None
+    reply: asyncio.Future[dict[str, Any]]
+    idle: asyncio.Future[None]
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+class KernelWorker:
+    """A kernel of a pool, with at most one op running at a time (the pool sees to that)."""
+
+    def __init__(self, pool: str, source: KernelSource, env: dict[str, str], runtime_dir: Path):
+        self.pool = pool
+        self.number = next(_worker_numbers)
+        self.id = f"{pool}/{self.number}"
+        self.source = source
+        self.state = "starting"
+        self.session: str | None = None
+        self.calls_served = 0
+        self.started_at = 0.0
+        self.exit_code: int | None = None
+        self._env = env
+        self._runtime_dir = runtime_dir
+        self._km: AsyncKernelManager | None = None
+        self._kc: Any = None
+        self._jsession: JupyterSession | None = None
+        self._comm_id = uuid.uuid4().hex
+        self._pending: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
+        self._executions: dict[str, _Execution] = {}
+        self._readers: list[asyncio.Task[None]] = []
+        self.dead: asyncio.Future[None] | None = None
+
+    # ---- identity -------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        provisioner = self._km.provisioner if self._km else None
+        process = getattr(provisioner, "process", None)
+        return getattr(process, "pid", None)
+
+    @property
+    def connection_file(self) -> str:
+        return self._km.connection_file if self._km else ""
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending) + len(self._executions)
+
+    def where(self) -> Where:
+        return Where(self.pool, self.id, self.session, self.source.python)
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def start(
+        self, timeout: float = 60.0, on_launch: Callable[[KernelWorker], None] | None = None
+    ) -> None:
+        """Launch the kernel, wait until it answers, install the runtime, open the comm."""
+        loop = asyncio.get_running_loop()
+        self.dead = loop.create_future()
+        stem = f"k{self.number}-{self._comm_id[:6]}"
+        self._km = AsyncKernelManager(
+            kernel_spec_manager=self.source.kernel_spec_manager,
+            kernel_name=self.source.kernel_name,
+            transport="ipc",
+            connection_file=str(self._runtime_dir / f"{stem}.json"),
+        )
+        await self._km.start_kernel(env=self._env, cwd=str(Path.cwd()))
+        self.started_at = time.time()
+        if on_launch is not None:
+            on_launch(self)
+        self._kc = self._km.client()
+        self._kc.start_channels(hb=False, stdin=False, control=False)
+        self._jsession = self._kc.session
+        ready = asyncio.ensure_future(self._kc.wait_for_ready(timeout=timeout))
+        await asyncio.wait([ready, self.dead], return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done():
+            ready.cancel()
+            raise KernelDied(
+                f"kernel {self.id} exited during start-up (exit code {self.exit_code})",
+                where=self.where(),
+                hint=f"run {self.source.python} -m ipykernel_launcher to see why it fails",
+            )
+        ready.result()
+        self._readers = [
+            asyncio.ensure_future(self._read_iopub()),
+            asyncio.ensure_future(self._read_shell()),
+        ]
+        result = await self.execute(BOOTSTRAP, silent=True)
+        if result["status"] != "ok":
+            raise RuntimeNotInstalled(
+                f"the kernel's Python ({self.source.python}) cannot load dspex_jupyter's "
+                f"runtime: {result.get('ename')}: {result.get('evalue')}",
+                hint=f"install it there: {self.source.python} -m pip install dspex-jupyter, "
+                "or make the environment with `dspex env create`",
+            )
+        self._send(
+            "comm_open", {"comm_id": self._comm_id, "target_name": protocol.COMM_TARGET, "data": {}}
+        )
+        hello, _ = await self.request("hello", {})
+        if hello.get("protocol") != protocol.PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"kernel {self.id} speaks dspex protocol {hello.get('protocol')}, "
+                f"this client speaks {protocol.PROTOCOL_VERSION}",
+                hint="install the same dspex-jupyter version in the pool's environment",
+            )
+
+    @property
+    def launched(self) -> bool:
+        return self._km is not None and self._km.has_kernel
+
+    def poll(self) -> int | None:
+        """The kernel process's exit code, or None while it runs (a non-blocking waitpid)."""
+        process = getattr(self._km.provisioner if self._km else None, "process", None)
+        return process.poll() if process is not None else None
+
+    def mark_dead(self, exit_code: int | None) -> None:
+        """Called by the pool's monitor: fail everything in flight, never leave it hanging."""
+        if self.state == "dead":
+            return
+        self.exit_code = exit_code
+        self.state = "dead"
+        if self.dead is not None and not self.dead.done():
+            self.dead.set_result(None)
+        self._fail_all(self._death_error)
+
+    def _death_error(self) -> KernelDied:
+        signal_note = f" (killed by signal {-self.exit_code})" if (self.exit_code or 0) < 0 else ""
+        if self.session is not None:
+            return SessionKernelLost(
+                f"the kernel of session {self.session!r} in pool {self.pool!r} died"
+                f"{signal_note}; the session's state is lost",
+                where=self.where(),
+            )
+        return KernelDied(
+            f"kernel {self.id} of pool {self.pool!r} died{signal_note}", where=self.where()
+        )
+
+    def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(make_error())
+        self._pending.clear()
+        for execution in self._executions.values():
+            for future in (execution.reply, execution.idle):
+                if not future.done():
+                    future.set_exception(make_error())
+        self._executions.clear()
+
+    async def wait_quiet(self, timeout: float) -> bool:
+        """Wait until nothing is in flight on this kernel; False if that took too long."""
+        futures = [*self._pending.values()]
+        futures += [e.idle for e in self._executions.values()]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout)
+        return self.inflight == 0
+
+    def kill(self) -> None:
+        """SIGKILL the kernel; the pool's watcher then replaces it."""
+        pid = self.pid
+        if pid is not None and self.state != "dead":
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    async def interrupt(self) -> None:
+        if self._km is not None and self.state != "dead":
+            with contextlib.suppress(Exception):
+                await self._km.interrupt_kernel()
+
+    async def shutdown(self, now: bool = False) -> None:
+        """Stop the kernel and remove its connection file and sockets."""
+        if self.state != "dead":
+            self.state = "stopping"
+        for task in self._readers:
+            task.cancel()
+        if self._readers:
+            await asyncio.gather(*self._readers, return_exceptions=True)
+        self._readers = []
+        if self._kc is not None:
+            self._kc.stop_channels()
+        if self._km is not None:
+            with contextlib.suppress(Exception):
+                if self.state == "dead" or not await self._km.is_alive():
+                    await self._km.shutdown_kernel(now=True)
+                else:
+                    await self._km.shutdown_kernel(now=now)
+        self._fail_all(lambda: KernelDied(f"kernel {self.id} was shut down", where=self.where()))
+        if self.dead is not None and not self.dead.done():
+            self.dead.set_result(None)
+        self.state = "dead"
+
+    # ---- messaging ------------------------------------------------------------------
+    def _send(
+        self, msg_type: str, content: dict[str, Any], buffers: list[bytes] | None = None
+    ) -> str:
+        assert self._jsession is not None
+        msg = self._jsession.msg(msg_type, content)
+        self._jsession.send(self._kc.shell_channel.socket, msg, buffers=buffers)
+        return str(msg["header"]["msg_id"])
+
+    async def request(
+        self,
+        op: str,
+        args: dict[str, Any],
+        *,
+        session: str | None = None,
+        buffers: list[bytes] | None = None,
+    ) -> tuple[Any, list[Any]]:
+        """Send one op and wait for its reply; raise the classified error of a failed op."""
+        if self.state in ("dead", "stopping"):
+            raise self._death_error()
+        message = protocol.make_request(op, args, session)
+        future: asyncio.Future[tuple[dict[str, Any], list[Any]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[message["id"]] = future
+        self._send("comm_msg", {"comm_id": self._comm_id, "data": message}, buffers)
+        reply, reply_buffers = await future
+        if reply.get("ok"):
+            return reply.get("result"), reply_buffers
+        raise self.error_from_reply(reply.get("error") or {})
+
+    def error_from_reply(self, error: dict[str, Any]) -> RemoteError:
+        return classify(error, self.where())
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        silent: bool = False,
+        on_output: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run code in the kernel's namespace; outputs go to ``on_output`` as they arrive.
+
+        Returns the execute_reply content once every output has arrived.
+        """
+        if self.state in ("dead", "stopping"):
+            raise self._death_error()
+        loop = asyncio.get_running_loop()
+        execution = _Execution(on_output, loop.create_future(), loop.create_future())
+        msg_id = self._send(
+            "execute_request",
+            {
+                "code": code,
+                "silent": silent,
+                "store_history": not silent,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": False,
+            },
+        )
+        self._executions[msg_id] = execution
+        try:
+            reply = await execution.reply
+            await execution.idle
+        finally:
+            self._executions.pop(msg_id, None)
+        reply = dict(reply)
+        reply["outputs"] = execution.outputs
+        return reply
+
+    async def _recv(self, channel: Any) -> dict[str, Any]:
+        assert self._jsession is not None
+        raw = await channel.socket.recv_multipart()
+        _, parts = self._jsession.feed_identities(raw)
+        return self._jsession.deserialize(parts)
+
+    async def _read_iopub(self) -> None:
+        channel = self._kc.iopub_channel
+        while True:
+            msg = await self._recv(channel)
+            msg_type = msg["header"]["msg_type"]
+            if msg_type == "comm_msg":
+                content = msg["content"]
+                if content.get("comm_id") != self._comm_id:
+                    continue
+                data = content.get("data") or {}
+                future = self._pending.pop(data.get("id", ""), None)
+                if future is not None and not future.done():
+                    future.set_result((data, list(msg["buffers"])))
+                continue
+            if msg_type == "comm_close" and msg["content"].get("comm_id") == self._comm_id:
+                self._fail_all(
+                    lambda: RemoteError(
+                        "CommClosed",
+                        "the kernel closed the dspex comm (is the runtime installed?)",
+                        where=self.where(),
+                    )
+                )
+                continue
+            parent = msg.get("parent_header", {}).get("msg_id")
+            execution = self._executions.get(parent) if parent else None
+            if execution is None:
+                continue
+            if msg_type in OUTPUT_TYPES:
+                output = {"output_type": msg_type, **msg["content"]}
+                execution.outputs.append(output)
+                if execution.on_output is not None:
+                    execution.on_output(output)
+            elif (
+                msg_type == "status"
+                and msg["content"].get("execution_state") == "idle"
+                and not execution.idle.done()
+            ):
+                execution.idle.set_result(None)
+
+    async def _read_shell(self) -> None:
+        channel = self._kc.shell_channel
+        while True:
+            msg = await self._recv(channel)
+            if msg["header"]["msg_type"] != "execute_reply":
+                continue
+            execution = self._executions.get(msg.get("parent_header", {}).get("msg_id", ""))
+            if execution is not None and not execution.reply.done():
+                execution.reply.set_result(msg["content"])

@@ -1,0 +1,83 @@
+"""The comm endpoint inside a pool kernel: validate, dispatch to the op registry, reply.
+
+Nothing that arrives may take the kernel down: every failure becomes an error reply.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from .. import protocol
+from .ops import OpContext
+from .registry import get_op
+from .state import STATE
+
+_installed = False
+
+
+@functools.cache
+def _signature(handler: Any) -> inspect.Signature:
+    return inspect.signature(handler)
+
+
+def handle_message(data: Any, buffers: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
+    """Answer one request; the pure core of the comm handler (tested without a kernel)."""
+    req_id = data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
+    try:
+        request = protocol.parse_request(data)
+    except protocol.ProtocolError as exc:
+        return protocol.make_error(req_id, exc.kind, "ProtocolError", str(exc)), []
+    handler = get_op(request.op)
+    if handler is None:
+        from .registry import OPS
+
+        return (
+            protocol.make_error(
+                request.id,
+                protocol.KIND_UNKNOWN_OP,
+                "UnknownOp",
+                f"unknown op {request.op!r}; this runtime knows: {', '.join(sorted(OPS))}",
+            ),
+            [],
+        )
+    ctx = OpContext(request, buffers)
+    try:
+        _signature(handler).bind(ctx, **request.args)
+    except TypeError as exc:
+        return protocol.make_error(
+            request.id, protocol.KIND_PROTOCOL, "ProtocolError", f"op {request.op!r}: {exc}"
+        ), []
+    STATE.ops_served += 1
+    try:
+        result = handler(ctx, **request.args)
+    except protocol.ProtocolError as exc:
+        return protocol.make_error(request.id, exc.kind, "ProtocolError", str(exc)), []
+    except BaseException as exc:  # KeyboardInterrupt (an interrupt) and SystemExit included
+        return protocol.error_from_exception(request.id, exc), []
+    return protocol.make_reply(request.id, result), ctx.out_buffers
+
+
+def _on_comm_open(comm: Any, open_msg: dict[str, Any]) -> None:
+    def on_msg(msg: dict[str, Any]) -> None:
+        content = msg.get("content") or {}
+        reply, buffers = handle_message(content.get("data"), list(msg.get("buffers") or []))
+        comm.send(data=reply, buffers=buffers or None)
+
+    comm.on_msg(on_msg)
+
+
+def install() -> None:
+    """Register the ``dspex`` comm target in the running IPython kernel (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    kernel = getattr(shell, "kernel", None)
+    if kernel is None:
+        raise RuntimeError("dspex_jupyter.runtime.install() must run inside an IPython kernel")
+    kernel.comm_manager.register_target(protocol.COMM_TARGET, _on_comm_open)
+    _installed = True

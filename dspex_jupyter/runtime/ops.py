@@ -1,0 +1,201 @@
+"""Built-in ops. Names follow the seed design: init_session, warmup, health, clear_gpu_cache."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import protocol
+from .registry import op
+from .state import STATE, SessionRecord, current_session
+
+# Modules whose presence in sys.modules says a kernel has loaded something heavy.
+HEAVY_MODULES = ("torch", "dspy", "pyarrow", "numpy", "pandas", "tensorflow", "jax")
+
+
+@dataclass
+class OpContext:
+    """What an op sees of its request: the decoded request and its binary buffers."""
+
+    request: protocol.Request
+    buffers: list[Any]
+    out_buffers: list[bytes] = field(default_factory=list)
+
+    def decode(self, desc: Any) -> Any:
+        return protocol.decode_value(desc, self.buffers)
+
+    def encode(self, value: Any) -> dict[str, Any]:
+        return protocol.encode_value(value, self.out_buffers)
+
+
+_resolved: dict[str, Any] = {}
+
+
+def resolve_callable(ref: str) -> Any:
+    """Import ``"pkg.module:qualified.name"`` and return the object it names."""
+    func = _resolved.get(ref)
+    if func is not None:
+        return func
+    module_name, sep, qualname = ref.partition(":")
+    if not sep or not module_name or not qualname:
+        raise ValueError(
+            f"function reference {ref!r} must look like 'package.module:function' "
+            "(a colon between the module and the name)"
+        )
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AttributeError(f"module {module_name!r} has no attribute {qualname!r}") from None
+    if not callable(obj):
+        raise TypeError(f"{ref!r} names a {type(obj).__name__}, which is not callable")
+    _resolved[ref] = obj
+    return obj
+
+
+def _function(ctx: OpContext, spec: Any) -> Any:
+    if isinstance(spec, dict) and isinstance(spec.get("ref"), str):
+        return resolve_callable(spec["ref"])
+    func = ctx.decode(spec)
+    if not callable(func):
+        raise TypeError(f"the function shipped by value is a {type(func).__name__}, not callable")
+    return func
+
+
+def _in_session(ctx: OpContext) -> SessionRecord | None:
+    sid = ctx.request.session
+    if sid is None:
+        return None
+    record = STATE.sessions.get(sid)
+    if record is None:
+        raise LookupError(f"session {sid!r} is not open in this kernel (pid {os.getpid()})")
+    return record
+
+
+@op("hello")
+def hello(ctx: OpContext) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "protocol": protocol.PROTOCOL_VERSION,
+        "runtime_version": __version__,
+        "pid": os.getpid(),
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "prefix": sys.prefix,
+    }
+
+
+@op("init_session")
+def init_session(ctx: OpContext, session_id: str, state: Any = None) -> dict[str, Any]:
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError("init_session needs a non-empty session_id")
+    value = ctx.decode(state) if state is not None else None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise TypeError(f"session state must be a dict, got {type(value).__name__}")
+    STATE.sessions[session_id] = SessionRecord(session_id, value)
+    return {"session_id": session_id, "pid": os.getpid()}
+
+
+@op("release_session")
+def release_session(ctx: OpContext, session_id: str) -> dict[str, Any]:
+    record = STATE.sessions.pop(session_id, None)
+    return {"released": record is not None}
+
+
+@op("call")
+def call(ctx: OpContext, func: Any, payload: Any) -> dict[str, Any]:
+    target = _function(ctx, func)
+    args, kwargs = ctx.decode(payload)
+    record = _in_session(ctx)
+    token = current_session.set(record)
+    try:
+        result = target(*args, **kwargs)
+    finally:
+        current_session.reset(token)
+        STATE.calls_served += 1
+        if record is not None:
+            record.calls += 1
+    return ctx.encode(result)
+
+
+@op("map")
+def map_items(ctx: OpContext, func: Any, items: Any) -> dict[str, Any]:
+    target = _function(ctx, func)
+    values = ctx.decode(items)
+    record = _in_session(ctx)
+    token = current_session.set(record)
+    try:
+        results = [target(item) for item in values]
+    finally:
+        current_session.reset(token)
+        STATE.calls_served += 1
+    return ctx.encode(results)
+
+
+@op("warmup")
+def warmup(ctx: OpContext, modules: list[str]) -> dict[str, Any]:
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise TypeError("warmup 'modules' must be a list of module names")
+    timings: dict[str, float] = {}
+    for name in modules:
+        start = time.perf_counter()
+        importlib.import_module(name)
+        timings[name] = time.perf_counter() - start
+    return {"imported": timings}
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _gpu_info() -> dict[str, Any] | None:
+    """GPU memory of this kernel, only when torch is already loaded (never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return {"available": False}
+        return {
+            "available": True,
+            "allocated": int(torch.cuda.memory_allocated()),
+            "reserved": int(torch.cuda.memory_reserved()),
+        }
+    except Exception as exc:  # a broken CUDA setup must not break health
+        return {"available": False, "error": str(exc)}
+
+
+@op("health")
+def health(ctx: OpContext) -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "rss": _rss_bytes(),
+        "uptime": time.time() - STATE.started,
+        "ops_served": STATE.ops_served,
+        "calls_served": STATE.calls_served,
+        "sessions": sorted(STATE.sessions),
+        "heavy_modules": [m for m in HEAVY_MODULES if m in sys.modules],
+        "gpu": _gpu_info(),
+    }
+
+
+@op("clear_gpu_cache")
+def clear_gpu_cache(ctx: OpContext) -> dict[str, Any]:
+    collected = gc.collect()
+    torch = sys.modules.get("torch")
+    cleared = False
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        cleared = True
+    return {"gc_collected": collected, "cuda_cache_cleared": cleared}
