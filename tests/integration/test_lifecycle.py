@@ -13,8 +13,7 @@ import textwrap
 import psutil
 import pytest
 
-from dspex_jupyter import PoolManager, PoolSpec
-from dspex_jupyter import protocol
+from dspex_jupyter import PoolManager, PoolSpec, protocol
 from dspex_jupyter.core.errors import RemoteError
 
 pytestmark = pytest.mark.integration
@@ -79,8 +78,16 @@ def _raw(pool, data, buffers=None):
         ({"v": 1, "id": "a4", "op": "", "args": {}}, "protocol", "'op' must be"),
         ({"v": 1, "id": "a5", "op": "hello", "args": {"x": 1}}, "protocol", "unexpected keyword"),
         ({"v": 1, "id": "a6", "op": "call", "args": {}}, "protocol", "missing"),
-        ({"v": 1, "id": "a7", "op": "call", "args": {"func": {"enc": "pickle", "buf": 5},
-                                                      "payload": None}}, "protocol", "buffer"),
+        (
+            {
+                "v": 1,
+                "id": "a7",
+                "op": "call",
+                "args": {"func": {"enc": "pickle", "buf": 5}, "payload": None},
+            },
+            "protocol",
+            "buffer",
+        ),
         ({"v": 1, "id": "a8", "op": "warmup", "args": {"modules": "json"}}, "remote", "list"),
     ],
 )
@@ -102,4 +109,4 @@ def test_protocol_error_surfaces_as_remote_error(pool):
     worker = pool._workers[0]
     with pytest.raises(RemoteError, match="unknown op 'frobnicate'"):
         pool._runner.run(worker.request("frobnicate", {}))
-    assert protocol.PROTOCOL_VERSION == pool._runner.run(worker.request("hello", {}))[0]["protocol"]
+    assert pool._runner.run(worker.request("hello", {}))[0]["protocol"] == protocol.PROTOCOL_VERSION

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import stat
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -80,7 +82,7 @@ def test_missing_module_is_dependency_missing_with_install_command(manager):
 
 
 def test_bad_function_reference_is_a_clear_error(manager):
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         manager["main"].call("os.getpid")
     with pytest.raises(RemoteError, match="has no attribute"):
         manager["main"].call("os:no_such_function")
@@ -104,7 +106,9 @@ def test_session_keeps_state_in_one_kernel(manager):
         assert session.call(f"{H}:remember", "b") == ["a", "b"]
         session.execute("counter = 41", show=False)
         assert session.execute("counter + 1", show=False).result == "42"
-        assert session.call(lambda: __import__("dspex_jupyter.runtime").runtime.session_state()) == {
+        assert session.call(
+            lambda: __import__("dspex_jupyter.runtime").runtime.session_state()
+        ) == {
             "seed": 3,
             "items": ["a", "b"],
         }
@@ -128,7 +132,7 @@ def test_execute_forwards_stdout_stderr_and_rich_output(manager, capsys):
     assert result.stdout == "to out\n" and result.stderr == "to err\n"
     kinds = [o["output_type"] for o in result.outputs]
     assert "display_data" in kinds and result.result == "42"
-    html = [o for o in result.outputs if o["output_type"] == "display_data"][0]
+    html = next(o for o in result.outputs if o["output_type"] == "display_data")
     assert html["data"]["text/html"] == "<b>rich</b>"
 
 
@@ -167,7 +171,7 @@ def test_waiting_session_gets_the_kernel_when_released(manager):
 
 
 def test_unknown_pool_is_a_clear_error(manager):
-    with pytest.raises(PoolNotFound, match="(?s)no pool named 'nope'.*running pools: main, other"):
+    with pytest.raises(PoolNotFound, match=r"(?s)no pool named 'nope'.*running pools: main, other"):
         manager.pool("nope")
 
 
@@ -254,9 +258,7 @@ def test_secure_defaults(manager):
         for worker in pool._workers:
             path = worker.connection_file
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-            import json
-
-            info = json.loads(open(path).read())
+            info = json.loads(Path(path).read_text())
             assert info["transport"] == "ipc" and info["key"] and info["signature_scheme"]
             # ipykernel's only TCP socket is its IOPub pipe for forked children, on loopback.
             sockets = psutil.Process(worker.pid).net_connections(kind="inet")
@@ -272,7 +274,7 @@ def test_shutdown_leaves_nothing_behind():
     assert len(list(runtime_dir.glob("*.json"))) == 3
     assert list(runtime_dir.glob("*-ipc-*"))
     m.shutdown()
-    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], 10)
+    _gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], 10)
     assert not alive
     assert not runtime_dir.exists()
     assert not any(p.pid in pids for p in psutil.Process().children(recursive=True))

@@ -12,7 +12,11 @@ from dspex_jupyter import protocol
 from dspex_jupyter.runtime import OPS, handle_message
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children) | st.dictionaries(st.text(), children),
     max_leaves=30,
 )
@@ -41,14 +45,23 @@ def test_non_json_values_round_trip_exactly(value):
 
 
 def test_builtin_ops_are_registered():
-    assert {"hello", "init_session", "release_session", "call", "map", "warmup", "health",
-            "clear_gpu_cache"} <= set(OPS)
+    assert {
+        "hello",
+        "init_session",
+        "release_session",
+        "call",
+        "map",
+        "warmup",
+        "health",
+        "clear_gpu_cache",
+    } <= set(OPS)
 
 
 def test_dispatch_call_and_error():
     buffers: list[bytes] = []
     request = protocol.make_request(
-        "call", {"func": {"ref": "math:sqrt"}, "payload": protocol.encode_value([[16], {}], buffers)}
+        "call",
+        {"func": {"ref": "math:sqrt"}, "payload": protocol.encode_value([[16], {}], buffers)},
     )
     reply, out = handle_message(request, buffers)
     assert reply["ok"] and protocol.decode_value(reply["result"], out) == 4.0
@@ -61,8 +74,12 @@ def test_dispatch_call_and_error():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(json_values, st.dictionaries(st.sampled_from(["v", "id", "op", "args",
-                                                               "session"]), json_values)))
+@given(
+    st.one_of(
+        json_values,
+        st.dictionaries(st.sampled_from(["v", "id", "op", "args", "session"]), json_values),
+    )
+)
 def test_dispatcher_never_raises_on_garbage(data):
     reply, _ = handle_message(data, [])
     assert reply["v"] == protocol.PROTOCOL_VERSION

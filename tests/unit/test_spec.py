@@ -11,8 +11,16 @@ from dspex_jupyter.core.spec import parse_memory
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("512MB", 512_000_000), ("4GiB", 4 * 1024**3), ("4G", 4 * 1024**3), ("1.5GB", 1_500_000_000),
-     (1024, 1024), ("100", 100), ("2 kib", 2048), (None, None)],
+    [
+        ("512MB", 512_000_000),
+        ("4GiB", 4 * 1024**3),
+        ("4G", 4 * 1024**3),
+        ("1.5GB", 1_500_000_000),
+        (1024, 1024),
+        ("100", 100),
+        ("2 kib", 2048),
+        (None, None),
+    ],
 )
 def test_parse_memory(text, expected):
     assert parse_memory(text) == expected
@@ -61,12 +69,16 @@ def test_dspex_toml(tmp_path):
     )
     light, mipro = load_pool_specs(path)
     assert (light.name, light.size, light.max_memory_bytes, light.env_vars) == (
-        "light", 4, 512_000_000, {"A": "1"})
+        "light",
+        4,
+        512_000_000,
+        {"A": "1"},
+    )
     assert (mipro.env, mipro.gpu) == ("mipro", True)
 
 
 def test_pyproject_tool_table(tmp_path, monkeypatch):
-    (tmp_path / "pyproject.toml").write_text('[tool.dspex.pools.x]\nsize = 2\n')
+    (tmp_path / "pyproject.toml").write_text("[tool.dspex.pools.x]\nsize = 2\n")
     monkeypatch.chdir(tmp_path)
     (spec,) = load_pool_specs()
     assert spec.name == "x" and spec.size == 2
