@@ -4,6 +4,7 @@ Both sides import this module, so it must stay light (standard library only). Ev
 operation is a comm message on the ``dspex`` comm target:
 
 request  ``{"v": 1, "id": "<request id>", "op": "<op name>", "args": {...}, "session": sid|None}``
+         (``"noreply": true`` asks for no reply unless the op fails: acknowledgements)
 reply    ``{"v": 1, "id": ..., "ok": true, "result": <value>}``
 error    ``{"v": 1, "id": ..., "ok": false, "error": {"kind", "type", "module", "message",
          "traceback"}}``

@@ -287,7 +287,12 @@ class Pool:
         session: str | None = None,
         timeout: float | None = None,
     ) -> Any:
-        task = asyncio.ensure_future(worker.request(op, args, session=session, buffers=buffers))
+        request = worker.request(op, args, session=session, buffers=buffers)
+        if timeout is None:
+            result, reply_buffers = await request
+            worker.calls_served += 1
+            return protocol.decode_value(result, reply_buffers)
+        task = asyncio.ensure_future(request)
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -355,12 +360,13 @@ class Pool:
         worker.session = session_id
         worker.state = "session"
         # init_session is queued, not awaited: the kernel handles it before anything else
-        # this session sends, and its outcome is checked before the session's first op.
+        # this session sends, and a failure surfaces on the session's first op.
         init = asyncio.ensure_future(
             worker.request(
                 "init_session", {"session_id": session_id, "state": state_desc}, buffers=buffers
             )
         )
+        init.add_done_callback(lambda t: t.cancelled() or t.exception())
         session = Session(self, worker, session_id, init, call_timeout)
         self._sessions[session_id] = session
         return session

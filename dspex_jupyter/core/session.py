@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import protocol
-from .errors import CallTimeout, SessionClosed, classify
+from .errors import CallTimeout, RemoteError, SessionClosed, classify
+from .streams import Stream, StreamChannel
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -141,10 +142,16 @@ class Session:
             raise SessionClosed(f"session {self.id} of pool {self.pool_name!r} was released")
         if self._lost or self._worker.state == "dead":
             raise self._worker._death_error()
-        if not self._init.done():
-            await self._init
-        self._init.result()  # raises the init_session failure, if any
+        if self._init.done():
+            self._init.result()  # raises the init_session failure, if any
+        # Not done yet: no need to wait. The kernel handles init_session before what
+        # follows; if it failed, what follows fails too and _init_error() explains why.
         self.last_used = time.time()
+
+    def _init_error(self) -> BaseException | None:
+        if self._init.done() and not self._init.cancelled():
+            return self._init.exception()
+        return None
 
     async def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from .pool import encode_function
@@ -155,9 +162,40 @@ class Session:
             "func": encode_function(func, buffers),
             "payload": protocol.encode_value([list(args), kwargs], buffers),
         }
-        return await self._pool._run_op(
-            self._worker, "call", request, buffers, session=self.id, timeout=self.call_timeout
-        )
+        try:
+            return await self._pool._run_op(
+                self._worker, "call", request, buffers, session=self.id, timeout=self.call_timeout
+            )
+        except RemoteError as exc:
+            raise (self._init_error() or exc) from None
+
+    async def _open_stream(
+        self,
+        stream_id: str,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        window: int,
+        batch_items: int,
+    ) -> StreamChannel:
+        from .pool import encode_function
+
+        await self._ready()
+        buffers: list[bytes] = []
+        request = {
+            "stream_id": stream_id,
+            "func": encode_function(func, buffers),
+            "payload": protocol.encode_value([list(args), kwargs], buffers),
+            "window": window,
+            "batch_items": batch_items,
+        }
+        channel = self._worker.open_stream(stream_id)
+        try:
+            await self._worker.request("stream_open", request, session=self.id, buffers=buffers)
+        except BaseException:
+            self._worker.forget_stream(stream_id)
+            raise
+        return channel
 
     async def _execute(
         self,
@@ -239,6 +277,24 @@ class Session:
         while (item := await outputs.get()) is not _DONE:
             show_output(item)
         return await future
+
+    def stream(self, func: Any, /, *args: Any, **kwargs: Any) -> Stream:
+        """Iterate (``for`` or ``async for``) over what generator ``func(*args, **kwargs)``
+        yields in this session's kernel: every item, in order, with backpressure."""
+        return Stream(self, func, args, kwargs)
+
+    def open_stream(
+        self,
+        func: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        window: int = 16,
+        batch_items: int = 1000,
+    ) -> Stream:
+        """``stream`` with its tuning: at most ``window`` batches of up to ``batch_items``
+        items in flight between the generator and the consumer."""
+        return Stream(self, func, args, kwargs or {}, window=window, batch_items=batch_items)
 
     def release(self) -> None:
         """Give the kernel back to the pool; the session's state there is dropped."""

@@ -30,6 +30,7 @@ from .errors import (
     classify,
 )
 from .launch import KernelSource
+from .streams import StreamChannel
 
 BOOTSTRAP = (
     "import dspex_jupyter.runtime as __dspex_runtime\n"
@@ -74,6 +75,7 @@ class KernelWorker:
         self._pending: dict[str, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._executions: dict[str, _Execution] = {}
         self._readers: list[asyncio.Task[None]] = []
+        self._streams: dict[str, StreamChannel] = {}
         self.dead: asyncio.Future[None] | None = None
 
     # ---- identity -------------------------------------------------------------------
@@ -180,6 +182,9 @@ class KernelWorker:
         )
 
     def _fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        for channel in self._streams.values():
+            channel.fail(make_error())
+        self._streams.clear()
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(make_error())
@@ -263,6 +268,23 @@ class KernelWorker:
             return reply.get("result"), reply_buffers
         raise self.error_from_reply(reply.get("error") or {})
 
+    def notify(self, op: str, args: dict[str, Any], *, session: str | None = None) -> None:
+        """Send an op that needs no answer (acknowledgements); only a failure is replied."""
+        if self.state in ("dead", "stopping"):
+            return
+        message = protocol.make_request(op, args, session)
+        message["noreply"] = True
+        self._send("comm_msg", {"comm_id": self._comm_id, "data": message})
+
+    def open_stream(self, stream_id: str) -> StreamChannel:
+        """Register a stream before it is opened, so no early batch is missed."""
+        channel = StreamChannel(self, stream_id)
+        self._streams[stream_id] = channel
+        return channel
+
+    def forget_stream(self, stream_id: str) -> None:
+        self._streams.pop(stream_id, None)
+
     def error_from_reply(self, error: dict[str, Any]) -> RemoteError:
         return classify(error, self.where())
 
@@ -309,43 +331,58 @@ class KernelWorker:
         return self._jsession.deserialize(parts)
 
     async def _read_iopub(self) -> None:
-        channel = self._kc.iopub_channel
+        socket = self._kc.iopub_channel.socket
+        session = self._jsession
+        assert session is not None
         while True:
-            msg = await self._recv(channel)
-            msg_type = msg["header"]["msg_type"]
-            if msg_type == "comm_msg":
-                content = msg["content"]
-                if content.get("comm_id") != self._comm_id:
-                    continue
-                data = content.get("data") or {}
-                future = self._pending.pop(data.get("id", ""), None)
-                if future is not None and not future.done():
-                    future.set_result((data, list(msg["buffers"])))
+            raw = await socket.recv_multipart()
+            # Status messages matter only while code executes; skip decoding them
+            # otherwise (each call's reply comes between a "busy" and an "idle").
+            if not self._executions and raw[0].endswith(b".status"):
                 continue
-            if msg_type == "comm_close" and msg["content"].get("comm_id") == self._comm_id:
-                self._fail_all(
-                    lambda: RemoteError(
-                        "CommClosed",
-                        "the kernel closed the dspex comm (is the runtime installed?)",
-                        where=self.where(),
-                    )
+            _, parts = session.feed_identities(raw)
+            self._read_iopub_message(session.deserialize(parts))
+
+    def _read_iopub_message(self, msg: dict[str, Any]) -> None:
+        msg_type = msg["header"]["msg_type"]
+        if msg_type == "comm_msg":
+            content = msg["content"]
+            if content.get("comm_id") != self._comm_id:
+                return
+            data = content.get("data") or {}
+            if "stream" in data:
+                channel = self._streams.get(data["stream"])
+                if channel is not None:
+                    channel.on_message(data, list(msg["buffers"]))
+                return
+            future = self._pending.pop(data.get("id", ""), None)
+            if future is not None and not future.done():
+                future.set_result((data, list(msg["buffers"])))
+            return
+        if msg_type == "comm_close" and msg["content"].get("comm_id") == self._comm_id:
+            self._fail_all(
+                lambda: RemoteError(
+                    "CommClosed",
+                    "the kernel closed the dspex comm (is the runtime installed?)",
+                    where=self.where(),
                 )
-                continue
-            parent = msg.get("parent_header", {}).get("msg_id")
-            execution = self._executions.get(parent) if parent else None
-            if execution is None:
-                continue
-            if msg_type in OUTPUT_TYPES:
-                output = {"output_type": msg_type, **msg["content"]}
-                execution.outputs.append(output)
-                if execution.on_output is not None:
-                    execution.on_output(output)
-            elif (
-                msg_type == "status"
-                and msg["content"].get("execution_state") == "idle"
-                and not execution.idle.done()
-            ):
-                execution.idle.set_result(None)
+            )
+            return
+        parent = msg.get("parent_header", {}).get("msg_id")
+        execution = self._executions.get(parent) if parent else None
+        if execution is None:
+            return
+        if msg_type in OUTPUT_TYPES:
+            output = {"output_type": msg_type, **msg["content"]}
+            execution.outputs.append(output)
+            if execution.on_output is not None:
+                execution.on_output(output)
+        elif (
+            msg_type == "status"
+            and msg["content"].get("execution_state") == "idle"
+            and not execution.idle.done()
+        ):
+            execution.idle.set_result(None)
 
     async def _read_shell(self) -> None:
         channel = self._kc.shell_channel

@@ -8,6 +8,7 @@ them, when they run.
 from __future__ import annotations
 
 from . import ops as _ops  # noqa: F401  (registers the built-in ops)
+from . import streams as _streams  # noqa: F401  (registers the stream ops)
 from .kernel import handle_message, install
 from .registry import OPS, op
 from .state import session_state

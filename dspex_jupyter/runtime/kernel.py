@@ -10,7 +10,7 @@ import inspect
 from typing import Any
 
 from .. import protocol
-from .ops import OpContext
+from .ops import OpContext, Sender
 from .registry import get_op
 from .state import STATE
 
@@ -22,8 +22,13 @@ def _signature(handler: Any) -> inspect.Signature:
     return inspect.signature(handler)
 
 
-def handle_message(data: Any, buffers: list[Any]) -> tuple[dict[str, Any], list[bytes]]:
-    """Answer one request; the pure core of the comm handler (tested without a kernel)."""
+def handle_message(
+    data: Any, buffers: list[Any], send: Sender | None = None
+) -> tuple[dict[str, Any], list[bytes]]:
+    """Answer one request; the pure core of the comm handler (tested without a kernel).
+
+    ``send`` lets an op publish messages of its own later (streams do, from a thread).
+    """
     req_id = data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
     try:
         request = protocol.parse_request(data)
@@ -42,7 +47,7 @@ def handle_message(data: Any, buffers: list[Any]) -> tuple[dict[str, Any], list[
             ),
             [],
         )
-    ctx = OpContext(request, buffers)
+    ctx = OpContext(request, buffers, send)
     try:
         _signature(handler).bind(ctx, **request.args)
     except TypeError as exc:
@@ -62,8 +67,14 @@ def handle_message(data: Any, buffers: list[Any]) -> tuple[dict[str, Any], list[
 def _on_comm_open(comm: Any, open_msg: dict[str, Any]) -> None:
     def on_msg(msg: dict[str, Any]) -> None:
         content = msg.get("content") or {}
-        reply, buffers = handle_message(content.get("data"), list(msg.get("buffers") or []))
-        comm.send(data=reply, buffers=buffers or None)
+        data = content.get("data")
+        reply, buffers = handle_message(data, list(msg.get("buffers") or []), send)
+        if not (isinstance(data, dict) and data.get("noreply") is True and reply["ok"]):
+            comm.send(data=reply, buffers=buffers or None)
+
+    def send(data: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+        # Safe from any thread: ipykernel hands IOPub sends to its IOPub thread.
+        comm.send(data=data, buffers=buffers or None)
 
     comm.on_msg(on_msg)
 

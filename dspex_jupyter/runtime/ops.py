@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,17 @@ from .state import STATE, SessionRecord, current_session
 HEAVY_MODULES = ("torch", "dspy", "pyarrow", "numpy", "pandas", "tensorflow", "jax")
 
 
+Sender = Callable[[dict[str, Any], "list[bytes] | None"], None]
+
+
 @dataclass
 class OpContext:
-    """What an op sees of its request: the decoded request and its binary buffers."""
+    """What an op sees of its request: the decoded request, its binary buffers, and a way
+    to publish further messages on the same comm (for streams)."""
 
     request: protocol.Request
     buffers: list[Any]
+    send: Sender | None = None
     out_buffers: list[bytes] = field(default_factory=list)
 
     def decode(self, desc: Any) -> Any:

@@ -278,3 +278,17 @@ def test_shutdown_leaves_nothing_behind():
     assert not alive
     assert not runtime_dir.exists()
     assert not any(p.pid in pids for p in psutil.Process().children(recursive=True))
+
+
+class _FailsToUnpickle:
+    def __reduce__(self):
+        return (eval, ("1/0",))
+
+
+def test_failed_init_session_surfaces_on_first_use(manager):
+    session = manager["main"].session(state={"bad": _FailsToUnpickle()})
+    with pytest.raises(RemoteError, match="ZeroDivisionError"):
+        session.call(f"{H}:getpid")
+    session.release()
+    with manager["main"].session() as fresh:
+        assert fresh.call(f"{H}:getpid") == fresh.pid
