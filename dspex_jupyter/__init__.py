@@ -18,6 +18,13 @@ _LAZY = {
     "Pool": "dspex_jupyter.core.pool",
     "Session": "dspex_jupyter.core.session",
     "ExecuteResult": "dspex_jupyter.core.session",
+    "Stream": "dspex_jupyter.core.streams",
+    "ExchangeConfig": "dspex_jupyter.exchange",
+    "ExchangeError": "dspex_jupyter.exchange",
+    "MIPROv2": "dspex_jupyter.optimizers.mipro",
+    "OptimizationRun": "dspex_jupyter.optimizers.mipro",
+    "OptimizedModule": "dspex_jupyter.optimizers.mipro",
+    "CheckpointError": "dspex_jupyter.checkpoint",
 }
 _ERRORS = (
     "DspexError",
@@ -45,6 +52,19 @@ def __getattr__(name: str) -> Any:
     if name in _ERRORS:
         return getattr(importlib.import_module("dspex_jupyter.core.errors"), name)
     raise AttributeError(f"module 'dspex_jupyter' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext dspex_jupyter``: the ``%dspex`` magics, run dashboards, the lab comm."""
+    from .notebook.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .notebook.magics import unload_ipython_extension as unload
+
+    unload(ipython)
 
 
 __all__ = ["__version__", *_LAZY, *_ERRORS]

@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Debian's chromium and the built lab extension, for the real-browser tests (tests/browser).
+bash scripts/browser_setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 set +e

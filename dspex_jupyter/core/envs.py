@@ -492,7 +492,15 @@ dependencies = [{dependencies}]
 [tool.hatch.build.targets.wheel]
 packages = ["dspex_jupyter"]
 """
-_WHEEL_IGNORE = ("__pycache__", "*.pyc", "*.pyo", ".ipynb_checkpoints", "node_modules")
+# labextension: the built JupyterLab extension (JS), which kernels never need.
+_WHEEL_IGNORE = (
+    "__pycache__",
+    "*.pyc",
+    "*.pyo",
+    ".ipynb_checkpoints",
+    "node_modules",
+    "labextension",
+)
 
 
 def _package_dir() -> Path:

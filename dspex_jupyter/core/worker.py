@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.session import Session as JupyterSession
 
 from .. import protocol
+from ..exchange import MESSAGE_ONLY, ExchangeConfig
 from .errors import (
     KernelDied,
     ProtocolMismatch,
@@ -77,6 +78,8 @@ class KernelWorker:
         self._readers: list[asyncio.Task[None]] = []
         self._streams: dict[str, StreamChannel] = {}
         self.dead: asyncio.Future[None] | None = None
+        # How values travel to and from this kernel; the pool sets its folder at start.
+        self.exchange: ExchangeConfig = MESSAGE_ONLY
 
     # ---- identity -------------------------------------------------------------------
     @property
@@ -246,15 +249,17 @@ class KernelWorker:
         self._jsession.send(self._kc.shell_channel.socket, msg, buffers=buffers)
         return str(msg["header"]["msg_id"])
 
-    async def request(
+    def request(
         self,
         op: str,
         args: dict[str, Any],
         *,
         session: str | None = None,
         buffers: list[bytes] | None = None,
-    ) -> tuple[Any, list[Any]]:
-        """Send one op and wait for its reply; raise the classified error of a failed op."""
+    ) -> Coroutine[Any, Any, tuple[Any, list[Any]]]:
+        """Send one op NOW and return the wait for its reply (which raises the classified
+        error of a failed op). Sending at call time, not when the wait is first awaited,
+        keeps ops in the order they were asked for (a session's init before its calls)."""
         if self.state in ("dead", "stopping"):
             raise self._death_error()
         message = protocol.make_request(op, args, session)
@@ -263,6 +268,11 @@ class KernelWorker:
         )
         self._pending[message["id"]] = future
         self._send("comm_msg", {"comm_id": self._comm_id, "data": message}, buffers)
+        return self._reply(future)
+
+    async def _reply(
+        self, future: asyncio.Future[tuple[dict[str, Any], list[Any]]]
+    ) -> tuple[Any, list[Any]]:
         reply, reply_buffers = await future
         if reply.get("ok"):
             return reply.get("result"), reply_buffers

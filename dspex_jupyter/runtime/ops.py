@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import protocol
+from .. import exchange, protocol
+from .exchange_ops import kernel_config
 from .registry import op
 from .state import STATE, SessionRecord, current_session
 
@@ -33,10 +34,11 @@ class OpContext:
     out_buffers: list[bytes] = field(default_factory=list)
 
     def decode(self, desc: Any) -> Any:
-        return protocol.decode_value(desc, self.buffers)
+        # Values travel in tiers (message, memory-mapped file, Arrow file): exchange.py.
+        return exchange.decode(desc, self.buffers, kernel_config())
 
     def encode(self, value: Any) -> dict[str, Any]:
-        return protocol.encode_value(value, self.out_buffers)
+        return exchange.encode(value, self.out_buffers, kernel_config())
 
 
 _resolved: dict[str, Any] = {}

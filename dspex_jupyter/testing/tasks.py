@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import dspy
 
 if TYPE_CHECKING:
-    from dspex_jupyter.testing.simulated_lm import SimulatedLM
+    from dspex_jupyter.testing.simulated import SimulatedLM
 
 __all__ = [
     "TASK_NAMES",
@@ -52,8 +52,9 @@ class TaskKnowledge:
     this task); ``wrong`` returns a plausible answer that differs from the truth (``k`` is a
     deterministic choice index); ``check`` decides whether an answer is correct (used to
     judge demos in the prompt); ``explain`` writes the simulated reasoning for CoT.
-    ``hints`` are task-specific instruction phrases that raise the simulated accuracy and
-    ``proposals`` are task-specific instruction candidates the simulated proposer can return.
+    ``hints`` are task-specific instruction phrases that raise the simulated accuracy,
+    ``misleading`` ones lower it, and ``proposals`` are task-specific instruction
+    candidates the simulated proposer can return.
     """
 
     name: str
@@ -65,6 +66,7 @@ class TaskKnowledge:
     check: Callable[[str, str], bool]
     explain: Callable[[str, str], str]
     hints: tuple[str, ...] = ()
+    misleading: tuple[str, ...] = ()
     proposals: tuple[str, ...] = ()
 
 
@@ -154,8 +156,11 @@ def _arith_question(rng: random.Random) -> str:
         )
     if kind == 4:
         a = rng.randint(20, 90)
-        return f"{name} had {a} {item} and gave away {rng.randint(1, a - 1)}. How many {item} are left?"
-    return f"A box holds {rng.randint(3, 24)} {item}. How many {item} are in {rng.randint(2, 9)} boxes?"
+        b = rng.randint(1, a - 1)
+        return f"{name} had {a} {item} and gave away {b}. How many {item} are left?"
+    a = rng.randint(3, 24)
+    b = rng.randint(2, 9)
+    return f"A box holds {a} {item}. How many {item} are in {b} boxes?"
 
 
 def _arith_metric(example: dspy.Example, pred: Any, trace: Any = None) -> bool:
@@ -173,10 +178,11 @@ ARITHMETIC = TaskKnowledge(
     check=_arith_check,
     explain=_arith_explain,
     hints=("arithmetic", "each quantity", "number only"),
+    misleading=("estimate", "round"),
     proposals=(
         "Compute the exact arithmetic result and reply with the number only.",
         "Solve the word problem step by step, tracking each quantity, and verify the final number.",
-        "Give a quick estimate of the answer.",
+        "Estimate the answer; rounding is fine.",
         "Read the problem and write down the result.",
     ),
 )
@@ -251,11 +257,12 @@ SENTIMENT = TaskKnowledge(
     check=_sentiment_check,
     explain=_sentiment_explain,
     hints=("overall tone", "contrast", "positive or negative"),
+    misleading=("first sentence", "first clause"),
     proposals=(
         "Decide whether the overall tone of the review is positive or negative; when the review "
         "draws a contrast with 'but', the clause after 'but' decides.",
-        "Label the review.",
-        "Classify the review as positive or negative.",
+        "Label the review by the sentiment of its first clause.",
+        "Classify the review as positive or negative, weighing its overall tone.",
         "Say how the reviewer feels.",
     ),
 )
@@ -390,12 +397,13 @@ CAPITALS = TaskKnowledge(
     check=_capital_check,
     explain=_capital_explain,
     hints=("capital city", "seat of government", "not the largest city"),
+    misleading=("most famous", "best-known"),
     proposals=(
         "Name the official capital city (the seat of government), which is often not the "
         "largest city.",
         "Name the most famous city of the country.",
         "Answer with a city.",
-        "Give the capital city of the country.",
+        "Give the capital city of the country, the seat of government.",
     ),
 )
 
@@ -441,7 +449,9 @@ def knowledge_for(name: str) -> TaskKnowledge:
     try:
         return _KNOWLEDGE[name]
     except KeyError:
-        raise ValueError(f"unknown simulated task {name!r}; known: {', '.join(TASK_NAMES)}") from None
+        raise ValueError(
+            f"unknown simulated task {name!r}; known: {', '.join(TASK_NAMES)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- Task objects
@@ -473,7 +483,7 @@ class Task:
 
     def lm(self, **kwargs: Any) -> SimulatedLM:
         """The SIMULATED LM that knows this task (keyword arguments go to ``simulated_lm``)."""
-        from dspex_jupyter.testing.simulated_lm import simulated_lm
+        from dspex_jupyter.testing.simulated import simulated_lm
 
         kwargs.setdefault("seed", self.seed)
         return simulated_lm(self.name, **kwargs)
@@ -602,5 +612,7 @@ def get_task(name: str, **kwargs: Any) -> Task:
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise ValueError(f"unknown simulated task {name!r}; known: {', '.join(TASK_NAMES)}") from None
+        raise ValueError(
+            f"unknown simulated task {name!r}; known: {', '.join(TASK_NAMES)}"
+        ) from None
     return factory(**kwargs)

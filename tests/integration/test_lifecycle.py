@@ -107,6 +107,10 @@ def test_non_object_request_gets_error_reply(pool):
 
 def test_protocol_error_surfaces_as_remote_error(pool):
     worker = pool._workers[0]
+
+    async def ask(op):
+        return await worker.request(op, {})
+
     with pytest.raises(RemoteError, match="unknown op 'frobnicate'"):
-        pool._runner.run(worker.request("frobnicate", {}))
-    assert pool._runner.run(worker.request("hello", {}))[0]["protocol"] == protocol.PROTOCOL_VERSION
+        pool._runner.run(ask("frobnicate"))
+    assert pool._runner.run(ask("hello"))[0]["protocol"] == protocol.PROTOCOL_VERSION

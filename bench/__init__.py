@@ -1,0 +1,1 @@
+"""Benchmarks of dspex_jupyter (run from the repository root; see bench/README.md)."""

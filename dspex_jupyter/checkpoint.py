@@ -1,0 +1,203 @@
+"""Checkpoint files: JSON only, versioned, checksummed, written atomically.
+
+A run's checkpoint folder holds ``run.json`` (what was asked: optimizer and compile
+settings, how to rebuild program, metric and LMs, never an API key), ``data.json`` (the
+datasets) and numbered progress snapshots ``ckpt-NNNNNN.json``; ``LATEST`` names the
+newest complete snapshot. Each file is ``{"format", "version", "sha256", "body"}``: a
+reader checks all three before it uses anything, so a corrupted, truncated or foreign
+file is refused whole, never half-loaded. Nothing here executes code or unpickles.
+
+Shared by the kernel (writes) and the notebook (lists, verifies): standard library only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+FORMAT = "dspex.mipro.checkpoint"
+VERSION = 1
+_SNAPSHOT = re.compile(r"^ckpt-(\d{6})\.json$")
+# Keys whose values never go into a checkpoint, an event or a log.
+# ("prompt_tokens" and "max_tokens" are counts, not secrets: only a key ending in "token".)
+SECRET_KEY_PATTERN = re.compile(
+    r"(api[_-]?key|secret|password|passwd|authorization|credential|bearer|(^|_)token$)", re.I
+)
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: missing, corrupted, truncated or foreign."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(f"{message}\n  hint: {hint}" if hint else message)
+        self.hint = hint
+
+
+def canonical(body: Any) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def scrub_secrets(value: Any) -> Any:
+    """A copy of ``value`` with every secret-looking key's value removed."""
+    if isinstance(value, dict):
+        return {
+            k: scrub_secrets(v) for k, v in value.items() if not SECRET_KEY_PATTERN.search(str(k))
+        }
+    if isinstance(value, list | tuple):
+        return [scrub_secrets(v) for v in value]
+    return value
+
+
+def encode_document(body: Any) -> bytes:
+    """The file's bytes: format, version and checksum wrapped around ``body``."""
+    data = canonical(body)
+    head = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest()}
+    # The body is serialized once: the document is the header's JSON with it spliced in.
+    return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":' + data + b"}"
+
+
+def write_bytes_atomic(path: Path, document: bytes) -> None:
+    """Write to a private temporary file, fsync, rename into place: never half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(document)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, body: Any) -> None:
+    write_bytes_atomic(path, encode_document(body))
+
+
+def read_json_checked(path: Path) -> Any:
+    """The body of a checkpoint file, after checking its format, version and checksum."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} does not exist") from None
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"checkpoint file {path} is not valid JSON (truncated or corrupted): {exc}",
+            hint="resume from an earlier checkpoint of the run (run.checkpoints())",
+        ) from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a dspex MIPROv2 checkpoint (format {document.get('format')!r})"
+            if isinstance(document, dict)
+            else f"{path} is not a dspex MIPROv2 checkpoint",
+            hint="point resume() at a folder written by dspex's MIPROv2",
+        )
+    if document.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is checkpoint version {document.get('version')!r}; this dspex reads "
+            f"version {VERSION}",
+            hint="resume it with the dspex-jupyter version that wrote it",
+        )
+    body = document.get("body")
+    if hashlib.sha256(canonical(body)).hexdigest() != document.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint file {path} fails its checksum (it was changed or damaged)",
+            hint="resume from an earlier checkpoint of the run (run.checkpoints())",
+        )
+    return body
+
+
+class CheckpointDir:
+    """A run's checkpoint folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser().resolve()
+        self._last_number: int | None = None  # saves listing the folder at every write
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    @property
+    def run_file(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def data_file(self) -> Path:
+        return self.path / "data.json"
+
+    def snapshot_path(self, number: int) -> Path:
+        return self.path / f"ckpt-{number:06d}.json"
+
+    def snapshots(self) -> list[Path]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p for p in self.path.iterdir() if _SNAPSHOT.match(p.name))
+
+    def next_number(self) -> int:
+        if self._last_number is None:
+            found = [int(_SNAPSHOT.match(p.name).group(1)) for p in self.snapshots()]  # type: ignore[union-attr]
+            self._last_number = max(found, default=0)
+        return self._last_number + 1
+
+    def prepare_snapshot(self, body: dict[str, Any]) -> tuple[Path, bytes]:
+        """Number and encode the next snapshot (cheap: the caller's thread does it)."""
+        number = self.next_number()
+        self._last_number = number
+        return self.snapshot_path(number), encode_document({**body, "written_at": time.time()})
+
+    def commit_snapshot(self, path: Path, document: bytes) -> None:
+        """Write a prepared snapshot and point LATEST at it (the slow part: disk)."""
+        write_bytes_atomic(path, document)
+        tmp = self.path / f".LATEST.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(path.name)
+        os.replace(tmp, self.path / "LATEST")
+
+    def write_snapshot(self, body: dict[str, Any]) -> Path:
+        path, document = self.prepare_snapshot(body)
+        self.commit_snapshot(path, document)
+        return path
+
+    def latest(self) -> Path:
+        pointer = self.path / "LATEST"
+        if not self.path.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.path} does not exist")
+        if not self.run_file.is_file():
+            raise CheckpointError(
+                f"{self.path} holds no dspex run (run.json is missing)",
+                hint="point resume() at the checkpoint_dir given to optimize()",
+            )
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if _SNAPSHOT.match(name) and (self.path / name).is_file():
+                return self.path / name
+        snapshots = self.snapshots()
+        if not snapshots:
+            raise CheckpointError(f"{self.path} holds no checkpoint snapshot yet")
+        return snapshots[-1]
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Each snapshot's time, phase, trial and best score (a bad file says why)."""
+        rows = []
+        for path in self.snapshots():
+            try:
+                body = read_json_checked(path)
+                rows.append(
+                    {
+                        "path": str(path),
+                        "name": path.name,
+                        "written_at": body.get("written_at"),
+                        "phase": body.get("phase"),
+                        "trial": body.get("trials_done", 0),
+                        "best_score": body.get("best_score"),
+                        "reason": body.get("reason"),
+                        "ok": True,
+                    }
+                )
+            except CheckpointError as exc:
+                rows.append({"path": str(path), "name": path.name, "ok": False, "error": str(exc)})
+        return rows

@@ -1,0 +1,107 @@
+"""GPU memory per device and the share each pool kernel takes, refreshed while shown.
+
+Without a GPU it says so and shows each kernel's RSS against its pool's ``max_memory``.
+The refresh timer starts when the widget is displayed and stops when it is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from html import escape
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from ..core.spec import format_bytes
+from .gpu import gpu_memory, kernel_memory_rows, kernel_refs
+from .html_render import html_table, usage_bar
+from .snapshot import pool_health
+from .timers import PeriodicRefresh
+
+if TYPE_CHECKING:
+    from ..core.manager import PoolManager
+
+REFRESH_INTERVAL_S = 2.0
+
+
+class GpuMemoryWidget(widgets.VBox):
+    """Used/total memory per GPU and per pool kernel (or kernel RSS when there is no GPU)."""
+
+    def __init__(
+        self,
+        managers: Iterable[PoolManager] | None = None,
+        *,
+        interval: float = REFRESH_INTERVAL_S,
+        nvml: Any = None,
+    ) -> None:
+        self._managers = list(managers) if managers is not None else None
+        self._nvml = nvml
+        self.body = widgets.HTML()
+        self.state: dict[str, Any] = {}
+        self.timer = PeriodicRefresh(self.refresh, interval, name="dspex-gpu-widget")
+        super().__init__([self.body])
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Measure again and redraw."""
+        health = pool_health(self._managers)
+        self.state = gpu_memory(kernel_refs(health), nvml=self._nvml)
+        if self.state["available"]:
+            self.body.value = self._gpu_html(self.state)
+        else:
+            self.body.value = self._no_gpu_html(self.state["reason"], kernel_memory_rows(health))
+
+    @staticmethod
+    def _gpu_html(state: dict[str, Any]) -> str:
+        parts = []
+        for device in state["devices"]:
+            parts.append(
+                f"<div><b>GPU {device['index']}</b> {escape(device['name'])} "
+                f"{usage_bar(device['used'], device['total'], width=240)}</div>"
+            )
+            rows = [
+                [
+                    k["pool"],
+                    k["kernel"],
+                    k["pid"],
+                    format_bytes(k["used"]),
+                    f"{100 * k['used'] / device['total']:.1f}%" if device["total"] else "-",
+                ]
+                for k in device["kernels"]
+            ]
+            if rows:
+                parts.append(
+                    html_table(
+                        ["pool", "kernel", "pid", "GPU memory", "share"],
+                        rows,
+                        css_class="dspex-gpu-kernels",
+                    )
+                )
+            else:
+                parts.append("<div><i>no pool kernel holds memory on this GPU</i></div>")
+        if state.get("reason"):
+            parts.append(f"<div><i>{escape(state['reason'])}</i></div>")
+        return "".join(parts)
+
+    @staticmethod
+    def _no_gpu_html(reason: str, rows: list[dict[str, Any]]) -> str:
+        head = f"<div><b>No GPU</b>: {escape(reason)}. Kernel memory (RSS) per pool limit:</div>"
+        if not rows:
+            return head + "<div><i>no pool is running</i></div>"
+        table = [
+            [r["pool"], r["kernel"], r["pid"], r["state"], usage_bar(r["rss"], r["max_memory"])]
+            for r in rows
+        ]
+        return head + html_table(
+            ["pool", "kernel", "pid", "state", "RSS / max_memory"],
+            table,
+            css_class="dspex-kernel-memory",
+        )
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.timer.start()  # refresh on its own while displayed
+        return super()._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        self.timer.stop()
+        super().close()

@@ -1,0 +1,69 @@
+"""Small HTML pieces the widgets share: tables, durations, bars. Everything is escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+from typing import Any
+
+from ..core.spec import format_bytes
+
+TABLE_STYLE = "border-collapse:collapse;font-size:12px;margin:2px 0"
+CELL_STYLE = "padding:2px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top"
+
+
+def html_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], *, css_class: str = "dspex-table"
+) -> str:
+    """An HTML table; cells are escaped unless they are ``Raw``."""
+    head = "".join(f'<th style="{CELL_STYLE}">{escape(h)}</th>' for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td style="{CELL_STYLE}">{cell_html(c)}</td>' for c in row) + "</tr>"
+        for row in rows
+    )
+    return f'<table class="{css_class}" style="{TABLE_STYLE}"><tr>{head}</tr>{body}</table>'
+
+
+class Raw(str):
+    """HTML that is already safe (built by this module)."""
+
+
+def cell_html(value: Any) -> str:
+    if isinstance(value, Raw):
+        return str(value)
+    if value is None:
+        return "&ndash;"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def usage_bar(used: int, total: int | None, *, width: int = 160, colour: str = "#4c78a8") -> Raw:
+    """A horizontal bar of ``used`` out of ``total`` bytes, with its numbers."""
+    if not total:
+        return Raw(escape(format_bytes(used)))
+    share = max(0.0, min(1.0, used / total))
+    fill = "#e45756" if share >= 0.9 else colour
+    return Raw(
+        f'<span style="display:inline-block;width:{width}px;height:9px;background:#eee;'
+        f'vertical-align:middle"><span style="display:block;width:{share * 100:.1f}%;height:9px;'
+        f'background:{fill}"></span></span> {escape(format_bytes(used))} / '
+        f"{escape(format_bytes(total))}"
+    )
+
+
+def first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text and text.strip() else ""

@@ -1,0 +1,230 @@
+"""The kernel side of the JupyterLab sidebar: a comm target named ``dspex.lab``.
+
+``%load_ext dspex_jupyter`` registers the target in the notebook's kernel; the sidebar
+opens a comm to it (``kernel.createComm("dspex.lab")``). Messages are JSON objects:
+
+kernel -> frontend
+    ``{"type": "state", "state": SNAPSHOT}`` when the comm opens, then whenever something
+    changed (checked twice a second, so at most two a second) and at least every 2 s (RSS,
+    uptime and GPU memory change without events). SNAPSHOT is ``snapshot()``'s dict; its
+    schema is in ``dspex_jupyter/notebook/snapshot.py``.
+
+    ``{"type": "action_result", "id": ID, "ok": bool, "message": str}`` once an action
+    finished (``message``: its outcome, or what went wrong, in one line).
+
+frontend -> kernel
+    ``{"type": "action", "id": ID, "action": NAME, "target": {...}}`` where NAME and
+    target are one of
+
+    - ``"restart_kernel"``, ``{"pool": str, "kernel": str}``: kill the kernel (its id from
+      the snapshot); the pool starts a replacement;
+    - ``"release_session"``, ``{"pool": str, "session": str}``;
+    - ``"checkpoint_run"``, ``{"run_id": str}``: answered once the checkpoint is written;
+    - ``"cancel_run"``, ``{"run_id": str}``: answered once the run stopped.
+
+    Any other action gets ``ok: false`` with message ``"unknown action 'NAME'"``; a message
+    of another type gets ``ok: false``, ``"unknown message type ..."``. ``ID`` is echoed
+    as given. Actions run on threads, so the kernel keeps executing cells meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..checkpoint import CheckpointError
+from ..core.errors import DspexError
+from . import actions
+from .html_render import first_line
+from .snapshot import snapshot
+
+logger = logging.getLogger("dspex_jupyter.notebook")
+
+TARGET_NAME = "dspex.lab"
+CHANGE_CHECK_INTERVAL_S = 0.5
+REFRESH_INTERVAL_S = 2.0
+
+# action name -> (keys its target needs, what it does)
+ACTIONS: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
+    "restart_kernel": (("pool", "kernel"), actions.restart_kernel),
+    "release_session": (("pool", "session"), actions.release_session),
+    "checkpoint_run": (("run_id",), actions.checkpoint_run),
+    "cancel_run": (("run_id",), actions.cancel_run),
+}
+
+
+def state_signature(state: dict[str, Any]) -> str:
+    """The snapshot without what changes all the time (time, RSS, uptime, GPU bytes)."""
+    stable = copy.deepcopy(state)
+    stable.pop("time", None)
+    for pool in stable.get("pools", []):
+        for kernel in pool.get("kernels", []):
+            kernel.pop("rss", None)
+            kernel.pop("uptime", None)
+    for device in stable.get("gpu", {}).get("devices", []):
+        device.pop("used", None)
+        for kernel in device.get("kernels", []):
+            kernel.pop("used", None)
+    return json.dumps(stable, sort_keys=True, default=str)
+
+
+class LabBridge:
+    """Serves the ``dspex.lab`` comms of this kernel (one per open sidebar)."""
+
+    def __init__(
+        self,
+        make_snapshot: Callable[[], dict[str, Any]] = snapshot,
+        *,
+        check_interval: float = CHANGE_CHECK_INTERVAL_S,
+        refresh_interval: float = REFRESH_INTERVAL_S,
+    ) -> None:
+        self._make_snapshot = make_snapshot
+        self.check_interval = check_interval
+        self.refresh_interval = refresh_interval
+        self._comms: list[Any] = []
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._comm_manager: Any = None
+        self._last_signature: str | None = None
+        self._last_sent = float("-inf")
+        self.states_sent = 0
+
+    # ---- registration -----------------------------------------------------------
+    def register(self, comm_manager: Any = None) -> None:
+        """Register the comm target (in the running kernel's comm manager by default)."""
+        if comm_manager is None:
+            import comm
+
+            comm_manager = comm.get_comm_manager()
+        comm_manager.register_target(TARGET_NAME, self.open)
+        self._comm_manager = comm_manager
+
+    def unregister(self) -> None:
+        if self._comm_manager is not None:
+            with contextlib.suppress(Exception):
+                self._comm_manager.unregister_target(TARGET_NAME, self.open)
+            self._comm_manager = None
+        with self._lock:
+            comms, self._comms = self._comms, []
+        for comm in comms:
+            with contextlib.suppress(Exception):
+                comm.close()
+        self._wake.set()
+
+    # ---- comms ------------------------------------------------------------------
+    def open(self, comm: Any, open_msg: dict[str, Any] | None = None) -> None:
+        """A sidebar opened a comm: send the state now, and keep it up to date."""
+        with self._lock:
+            self._comms.append(comm)
+        comm.on_msg(lambda msg: self.handle_message(comm, msg))
+        comm.on_close(lambda _msg=None: self._forget(comm))
+        self.send_state([comm])
+        self._ensure_thread()
+
+    def _forget(self, comm: Any) -> None:
+        with self._lock:
+            if comm in self._comms:
+                self._comms.remove(comm)
+
+    def handle_message(self, comm: Any, msg: dict[str, Any]) -> None:
+        """A message from the sidebar (``msg`` is the Jupyter message; its data is the JSON)."""
+        data = (msg.get("content") or {}).get("data") if isinstance(msg, dict) else None
+        if not isinstance(data, dict):
+            data = {}
+        request_id = data.get("id")
+        if data.get("type") != "action":
+            self._reply(comm, request_id, False, f"unknown message type {data.get('type')!r}")
+            return
+        name = data.get("action")
+        if name not in ACTIONS:
+            self._reply(comm, request_id, False, f"unknown action {name!r}")
+            return
+        keys, action = ACTIONS[name]
+        target = data.get("target")
+        if not isinstance(target, dict) or not all(isinstance(target.get(k), str) for k in keys):
+            needed = ", ".join(f"{k!r}" for k in keys)
+            self._reply(comm, request_id, False, f"{name} needs a target with {needed}")
+            return
+        args = [target[k] for k in keys]
+        threading.Thread(
+            target=self._perform,
+            args=(comm, request_id, action, args),
+            name=f"dspex-lab-{name}",
+            daemon=True,
+        ).start()
+
+    def _perform(
+        self, comm: Any, request_id: Any, action: Callable[..., str], args: list[str]
+    ) -> None:
+        try:
+            ok, message = True, action(*args)
+        except (DspexError, CheckpointError, TimeoutError, ValueError, TypeError) as exc:
+            ok, message = False, first_line(str(exc))
+        except Exception as exc:
+            logger.exception("dspex lab action failed")
+            ok, message = False, f"{type(exc).__name__}: {first_line(str(exc))}"
+        self._reply(comm, request_id, ok, message)
+        self._wake.set()  # the state changed: send it soon
+
+    def _reply(self, comm: Any, request_id: Any, ok: bool, message: str) -> None:
+        self._send(comm, {"type": "action_result", "id": request_id, "ok": ok, "message": message})
+
+    def _send(self, comm: Any, data: dict[str, Any]) -> None:
+        with self._send_lock, contextlib.suppress(Exception):
+            comm.send(data)
+
+    def send_state(self, comms: list[Any] | None = None) -> dict[str, Any]:
+        """Take a snapshot and send it (to every open comm by default)."""
+        state = self._make_snapshot()
+        with self._lock:
+            targets = list(self._comms) if comms is None else comms
+        for comm in targets:
+            self._send(comm, {"type": "state", "state": state})
+        self._last_signature = state_signature(state)
+        self._last_sent = time.monotonic()
+        self.states_sent += 1
+        return state
+
+    # ---- keeping the sidebars up to date -----------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._pump, name="dspex-lab-bridge", daemon=True
+                )
+                self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            self._wake.wait(self.check_interval)
+            self._wake.clear()
+            with self._lock:
+                if not self._comms:
+                    self._thread = None
+                    return
+            # At most one state per check interval, however often something changes.
+            since = time.monotonic() - self._last_sent
+            if since < self.check_interval:
+                time.sleep(self.check_interval - since)
+            try:
+                state = self._make_snapshot()
+            except Exception:
+                logger.exception("dspex lab snapshot failed")
+                continue
+            due = time.monotonic() - self._last_sent >= self.refresh_interval
+            if due or state_signature(state) != self._last_signature:
+                with self._lock:
+                    targets = list(self._comms)
+                for comm in targets:
+                    self._send(comm, {"type": "state", "state": state})
+                self._last_signature = state_signature(state)
+                self._last_sent = time.monotonic()
+                self.states_sent += 1

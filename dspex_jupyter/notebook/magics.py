@@ -1,0 +1,644 @@
+"""``%dspex`` and ``%%dspex``: pools, sessions and optimization runs from notebook cells.
+
+Load with ``%load_ext dspex_jupyter``. ``%dspex --help`` lists the subcommands and
+``%dspex SUBCOMMAND --help`` explains one. Pools started here belong to one notebook-level
+``PoolManager`` (see ``registry``); pools of managers made in Python are found too.
+
+A failing subcommand prints one line, ``dspex: <what went wrong>``, its hint, and the
+remote traceback when the error happened in a pool kernel, on stderr; the internal
+traceback is not shown (``%dspex --debug SUBCOMMAND ...`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.utils.process import arg_split
+
+from ..checkpoint import CheckpointError
+from ..core.errors import DspexError, RemoteError
+from . import actions, registry
+from .html_render import first_line
+
+# Errors that are the user's to fix: one line and a hint, no traceback.
+EXPECTED_ERRORS = (DspexError, CheckpointError, ValueError, TypeError, LookupError, TimeoutError)
+CELL_COMMANDS = ("run", "session")
+DEFAULT_RUN_NAME = "run"
+
+
+def format_error(exc: BaseException, command: str = "") -> str:
+    """One line saying what went wrong, its hint, and the remote traceback if any."""
+    if isinstance(exc, UsageError):
+        more = f"%dspex {command} --help" if command else "%dspex --help"
+        return f"dspex: {exc}\n  hint: {more} shows the options"
+    message = str(exc.args[0]) if exc.args else type(exc).__name__
+    lines = message.strip().splitlines() or [type(exc).__name__]
+    if not isinstance(exc, DspexError | CheckpointError):
+        lines[0] = f"{type(exc).__name__}: {lines[0]}"
+    out = [f"dspex: {lines[0]}"]
+    hint = getattr(exc, "hint", "")
+    if hint:
+        out.append(f"  hint: {hint}")
+    # Kernel-side details folded into the message (e.g. failing start-up code).
+    out.extend(line for line in lines[1:] if not line.strip().startswith("hint:"))
+    if isinstance(exc, RemoteError) and exc.remote_traceback:
+        out.append("Remote traceback:")
+        out.extend("".join(exc.remote_traceback).rstrip("\n").splitlines())
+    return "\n".join(out)
+
+
+def _usage(parser: argparse.ArgumentParser) -> str:
+    return parser.format_help().replace("::\n\n  %", "usage: %", 1)
+
+
+def _key_values(pairs: list[str] | None, what: str) -> dict[str, str]:
+    """``KEY=VALUE`` pairs; a bare ``KEY`` copies the notebook's own environment variable."""
+    values = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise ValueError(f"{what} {key!r} has no value and is not set in this notebook")
+            value = os.environ[key]
+        values[key] = value
+    return values
+
+
+@magics_class
+class DspexMagics(Magics):
+    """The ``%dspex`` line magic and ``%%dspex`` cell magic."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.sessions: dict[str, Any] = {}  # named sessions of %dspex session NAME
+
+    @property
+    def commands(self) -> dict[str, Callable[[str, str | None], Any]]:
+        return {
+            name[len("_cmd_") :]: getattr(self, name)
+            for name in sorted(dir(self))
+            if name.startswith("_cmd_")
+        }
+
+    # ---- dispatch -----------------------------------------------------------------
+    @line_cell_magic
+    def dspex(self, line: str, cell: str | None = None) -> Any:
+        """Pools, sessions and optimization runs of dspex-jupyter; %dspex --help lists them."""
+        words = line.strip().split(None, 1)
+        debug = bool(words) and words[0] == "--debug"
+        if debug:
+            words = words[1].split(None, 1) if len(words) > 1 else []
+        if not words or words[0] in ("-h", "--help", "help"):
+            print(self.overview())
+            return None
+        command, rest = words[0], words[1] if len(words) > 1 else ""
+        handler = self.commands.get(command)
+        try:
+            if handler is None:
+                raise UsageError(f"unknown subcommand {command!r}")
+            try:
+                tokens = arg_split(rest)
+            except ValueError as exc:
+                raise UsageError(f"cannot split the arguments: {exc}") from None
+            if "-h" in tokens or "--help" in tokens:
+                print(_usage(handler.parser))
+                return None
+            if cell is not None and command not in CELL_COMMANDS:
+                raise UsageError(f"%%dspex {command} takes no cell; use %dspex {command}")
+            if cell is None and command == "run":
+                raise UsageError("%%dspex run is a cell magic: put the code in the cell below it")
+            return handler(rest, cell)
+        except (*EXPECTED_ERRORS, UsageError) as exc:
+            if debug:
+                raise
+            print(format_error(exc, command if handler is not None else ""), file=sys.stderr)
+        except Exception as exc:  # not the user's to fix: short, with the way to see more
+            if debug:
+                raise
+            print(
+                f"dspex: internal error: {type(exc).__name__}: {first_line(str(exc))}\n"
+                f"  hint: %dspex --debug {line.strip()} shows the traceback",
+                file=sys.stderr,
+            )
+        return None
+
+    def overview(self) -> str:
+        return overview()
+
+    # ---- helpers ------------------------------------------------------------------
+    @property
+    def namespace(self) -> dict[str, Any]:
+        return self.shell.user_ns
+
+    def _variable(self, name: str | None, flag: str, *, reference: bool = False) -> Any:
+        """The notebook variable ``name`` (``reference``: or a "pkg.mod:name" path)."""
+        if name is None:
+            return None
+        if name in self.namespace:
+            return self.namespace[name]
+        if reference and ":" in name:
+            return name
+        raise DspexError(
+            f"{flag} {name}: no variable {name!r} in the notebook",
+            hint="define it in a cell first"
+            + (" or give 'package.module:name'" if reference else ""),
+        )
+
+    def _lm(self, name: str | None, flag: str) -> Any:
+        """An LM variable, or a model name such as 'openai/gpt-4o-mini'."""
+        if name is None or name in self.namespace or "/" not in name:
+            return self._variable(name, flag)
+        return name
+
+    def _run_name(self, name: str | None) -> str:
+        from ..optimizers.mipro import OptimizationRun
+
+        name = name or DEFAULT_RUN_NAME
+        if not name.isidentifier():
+            raise ValueError(f"--name {name!r} is not a Python variable name")
+        held = self.namespace.get(name)
+        if held is not None and not isinstance(held, OptimizationRun):
+            raise DspexError(
+                f"the notebook variable {name!r} is taken",
+                hint="pass --name OTHER to store the run elsewhere",
+            )
+        return name
+
+    def _show_run(self, run: Any, name: str, display_it: bool) -> None:
+        from .run_dashboard import dashboard_for
+
+        dashboard = dashboard_for(run)
+        dashboard.controls.on_resumed(lambda new: self.namespace.__setitem__(name, new))
+        if display_it:
+            from IPython.display import display
+
+            display(dashboard)
+
+    def _session(self, name: str) -> Any:
+        session = self.sessions.get(name)
+        if session is None:
+            raise DspexError(
+                f"no session named {name!r}",
+                hint=f"open one with %dspex session {name} --pool POOL",
+            )
+        if not session.active:
+            self.sessions.pop(name, None)
+            raise DspexError(
+                f"session {name!r} was released or lost its kernel",
+                hint=f"open it again with %dspex session {name} --pool POOL",
+            )
+        return session
+
+    # ---- pools --------------------------------------------------------------------
+    @magic_arguments("dspex pools")
+    def _cmd_pools(self, line: str, cell: str | None) -> None:
+        """Show a live table of the pools, their kernels and sessions (restart, release)."""
+        parse_argstring(self._cmd_pools, line)
+        from IPython.display import display
+
+        from .pool_dashboard import PoolDashboard
+
+        display(PoolDashboard())
+
+    @magic_arguments("dspex start")
+    @argument("name", help="the pool's name")
+    @argument("--size", type=int, default=1, metavar="N", help="number of kernels (default 1)")
+    @argument("--env", help="a dspex environment (dspex env create NAME)")
+    @argument("--kernel", help="an installed kernelspec")
+    @argument("--python", help="a Python interpreter (e.g. a conda env's)")
+    @argument("--max-memory", metavar="SIZE", help='per-kernel memory limit, e.g. "4GB"')
+    @argument("--gpu", action="store_true", help="let the kernels see the GPUs")
+    @argument("--warmup", nargs="+", metavar="MODULE", default=[], help="modules to import")
+    @argument(
+        "--env-var",
+        nargs="+",
+        metavar="KEY[=VALUE]",
+        help="environment variables (KEY alone copies the notebook's)",
+    )
+    @argument("--startup", default="", metavar="CODE", help="code each kernel runs once started")
+    @argument(
+        "--call-timeout", type=float, metavar="SECONDS", help="seconds before a call is interrupted"
+    )
+    def _cmd_start(self, line: str, cell: str | None) -> None:
+        """Start a pool of kernels (with no source: the notebook's own Python)."""
+        args = parse_argstring(self._cmd_start, line)
+        from ..core.spec import PoolSpec
+
+        spec = PoolSpec(
+            args.name,
+            env=args.env,
+            kernel=args.kernel,
+            python=args.python,
+            size=args.size,
+            max_memory=args.max_memory,
+            gpu=args.gpu,
+            warmup=tuple(args.warmup),
+            env_vars=_key_values(args.env_var, "--env-var"),
+            startup=args.startup,
+            call_timeout=args.call_timeout,
+        )
+        manager = registry.default_manager()
+        if args.name in manager.pools:
+            if manager._specs.get(args.name) == spec:
+                print(f"pool {args.name!r} is already running")
+                return
+            raise DspexError(
+                f"pool {args.name!r} is already running with other settings",
+                hint=f"stop it first: %dspex stop {args.name}",
+            )
+        manager._specs.pop(args.name, None)  # settings of a stopped pool of that name
+        (pool,) = manager.start(spec)
+        print(f"pool {pool.name!r}: {spec.size} kernel(s) ready ({pool.source.description})")
+
+    @magic_arguments("dspex stop")
+    @argument("name", help="the pool's name")
+    @argument("--now", action="store_true", help="kill the kernels instead of asking them")
+    def _cmd_stop(self, line: str, cell: str | None) -> None:
+        """Stop a pool: its kernels shut down and its sessions end."""
+        args = parse_argstring(self._cmd_stop, line)
+        for manager in registry.managers():
+            if args.name in manager.pools:
+                manager.stop(args.name, now=args.now)
+                print(f"pool {args.name!r} stopped")
+                return
+        registry.find_pool(args.name)  # raises the clear error
+
+    @magic_arguments("dspex health")
+    def _cmd_health(self, line: str, cell: str | None) -> None:
+        """Print every kernel's state, session, memory, uptime and calls served."""
+        parse_argstring(self._cmd_health, line)
+        from ..core.spec import format_bytes
+        from .html_render import format_duration
+        from .snapshot import pool_health
+
+        pools = pool_health()
+        if not pools:
+            print("no pool is running; start one with %dspex start NAME")
+            return
+        for pool in pools:
+            limit = format_bytes(pool["max_memory"]) if pool["max_memory"] else "no limit"
+            print(
+                f"{pool['name']}: {pool['source']}; {len(pool['kernels'])}/{pool['size']} "
+                f"kernels, {len(pool['sessions'])} sessions, {pool['deaths']} deaths, "
+                f"memory limit {limit}"
+            )
+            if pool["last_error"]:
+                print(f"  last error: {pool['last_error']}")
+            for k in pool["kernels"]:
+                print(
+                    f"  {k['id']:<14} pid {k['pid']!s:<8} {k['state']:<8} "
+                    f"session {k['session'] or '-':<13} RSS {k['rss_text']:<10} "
+                    f"up {format_duration(k['uptime']):<8} calls {k['calls_served']}"
+                )
+
+    @magic_arguments("dspex envs")
+    def _cmd_envs(self, line: str, cell: str | None) -> None:
+        """List the dspex environments pools can start from (--env)."""
+        parse_argstring(self._cmd_envs, line)
+        from ..core.envs import broken_environments, envs_dir, list_environments
+
+        found = list_environments()
+        if not found:
+            print(
+                f"no dspex environments in {envs_dir()}; create one with: "
+                "dspex env create NAME --package ..."
+            )
+        for env in found:
+            print(
+                f"{env.name:<16} Python {env.python_version or '?':<8} "
+                f"{len(env.packages)} packages  {env.path}"
+            )
+        for name, reason in broken_environments().items():
+            print(f"{name:<16} not usable: {reason}")
+
+    @magic_arguments("dspex gpu")
+    def _cmd_gpu(self, line: str, cell: str | None) -> None:
+        """Show GPU memory per device and per pool kernel (kernel RSS without a GPU)."""
+        parse_argstring(self._cmd_gpu, line)
+        from IPython.display import display
+
+        from .gpu_widget import GpuMemoryWidget
+
+        display(GpuMemoryWidget())
+
+    # ---- code in pool kernels -----------------------------------------------------
+    @magic_arguments("dspex run")
+    @argument("pool", help="the pool whose kernel runs the cell")
+    @argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for a free kernel",
+    )
+    @argument(
+        "--timeout", type=float, metavar="SECONDS", help="seconds before the code is interrupted"
+    )
+    def _cmd_run(self, line: str, cell: str | None) -> None:
+        """(cell) Run the cell in a free kernel of POOL; its outputs appear here."""
+        args = parse_argstring(self._cmd_run, line)
+        pool = registry.find_pool(args.pool)
+        with pool.session(timeout=args.wait) as session:
+            session.execute(cell or "", timeout=args.timeout)
+
+    @magic_arguments("dspex session")
+    @argument("name", help="the session's name in this notebook")
+    @argument("--pool", help="open it on this pool (if it is not open yet)")
+    @argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for a free kernel",
+    )
+    @argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="(cell) seconds before the code is interrupted",
+    )
+    def _cmd_session(self, line: str, cell: str | None) -> None:
+        """Open a session NAME (one kernel, yours alone) with --pool; run cells there.
+
+        As a cell magic, %%dspex session NAME runs the cell in the session's kernel, where
+        its variables stay between cells."""
+        args = parse_argstring(self._cmd_session, line)
+        held = self.sessions.get(args.name)
+        if args.pool is not None and (held is None or not held.active):
+            session = registry.find_pool(args.pool).session(timeout=args.wait)
+            self.sessions[args.name] = session
+            if cell is None:
+                print(
+                    f"session {args.name!r} open on kernel {session.kernel_id} "
+                    f"of pool {args.pool!r}"
+                )
+        elif args.pool is not None and cell is None:
+            raise DspexError(
+                f"session {args.name!r} is already open (kernel {held.kernel_id})",
+                hint=f"release it first: %dspex release {args.name}",
+            )
+        session = self._session(args.name)
+        if cell is None:
+            if args.pool is None:
+                print(
+                    f"session {args.name!r}: kernel {session.kernel_id} of pool "
+                    f"{session.pool_name!r}, id {session.id}"
+                )
+            return
+        session.execute(cell, timeout=args.timeout)
+
+    @magic_arguments("dspex release")
+    @argument("name", help="the session's name")
+    def _cmd_release(self, line: str, cell: str | None) -> None:
+        """Release a session: its kernel goes back to the pool, its state is dropped."""
+        args = parse_argstring(self._cmd_release, line)
+        session = self.sessions.pop(args.name, None)
+        if session is None:
+            raise DspexError(
+                f"no session named {args.name!r}",
+                hint=f"open sessions: {', '.join(self.sessions) or 'none'}",
+            )
+        session.release()
+        print(f"session {args.name!r} released")
+
+    # ---- optimization runs --------------------------------------------------------
+    @magic_arguments("dspex optimize")
+    @argument("--pool", required=True, help="the pool whose kernel runs the optimization")
+    @argument("--program", required=True, help="variable holding the dspy program")
+    @argument("--trainset", required=True, help="variable holding the training examples")
+    @argument("--valset", help="variable holding the validation examples")
+    @argument("--metric", required=True, help="variable holding the metric (or 'pkg.mod:name')")
+    @argument("--lm", required=True, help="variable holding the task LM (or a model name)")
+    @argument("--prompt-lm", help="variable holding the LM that proposes instructions")
+    @argument(
+        "--auto",
+        choices=["light", "medium", "heavy", "none"],
+        help="MIPROv2's preset (none is implied by --num-candidates/--num-trials)",
+    )
+    @argument("--num-candidates", type=int)
+    @argument("--num-trials", type=int)
+    @argument("--seed", type=int)
+    @argument("--num-threads", type=int)
+    @argument("--minibatch-size", type=int)
+    @argument("--max-bootstrapped-demos", type=int)
+    @argument("--max-labeled-demos", type=int)
+    @argument(
+        "--optimizer-args", metavar="VAR", help="variable holding a dict of MIPROv2(...) arguments"
+    )
+    @argument(
+        "--compile-args", metavar="VAR", help="variable holding a dict of compile(...) arguments"
+    )
+    @argument("--checkpoint-dir", help="where checkpoints go (default ./dspex-runs/RUN_ID)")
+    @argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for a free kernel",
+    )
+    @argument("--name", help=f"variable to store the run in (default {DEFAULT_RUN_NAME!r})")
+    @argument("--no-display", action="store_true", help="do not show the dashboard")
+    def _cmd_optimize(self, line: str, cell: str | None) -> None:
+        """Start a MIPROv2 run in a session of --pool; show its live dashboard."""
+        args = parse_argstring(self._cmd_optimize, line)
+        from ..optimizers.mipro import MIPROv2
+
+        name = self._run_name(args.name)
+        options = dict(self._variable(args.optimizer_args, "--optimizer-args") or {})
+        compile_args = dict(self._variable(args.compile_args, "--compile-args") or {})
+        for key in ("num_candidates", "seed", "num_threads"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        for key in ("num_trials", "minibatch_size", "max_bootstrapped_demos", "max_labeled_demos"):
+            if getattr(args, key) is not None:
+                compile_args[key] = getattr(args, key)
+        if args.auto is not None:
+            options["auto"] = None if args.auto == "none" else args.auto
+        elif "num_candidates" in options or "num_trials" in compile_args:
+            options.setdefault("auto", None)
+        pool = registry.find_pool(args.pool)
+        optimizer = MIPROv2(
+            pool,
+            metric=self._variable(args.metric, "--metric", reference=True),
+            task_lm=self._lm(args.lm, "--lm"),
+            prompt_lm=self._lm(args.prompt_lm, "--prompt-lm"),
+            session_timeout=args.wait,
+            **options,
+        )
+        run = optimizer.optimize(
+            self._variable(args.program, "--program", reference=True),
+            self._variable(args.trainset, "--trainset"),
+            self._variable(args.valset, "--valset"),
+            checkpoint_dir=args.checkpoint_dir,
+            **compile_args,
+        )
+        self.namespace[name] = run
+        print(
+            f"run {run.run_id} started in pool {pool.name!r}, stored as `{name}`; "
+            f"checkpoints in {run.checkpoint_dir}"
+        )
+        self._show_run(run, name, not args.no_display)
+
+    @magic_arguments("dspex attach")
+    @argument("run", help="variable holding the run, or its run id")
+    def _cmd_attach(self, line: str, cell: str | None) -> None:
+        """Show a run's live dashboard again (another cell, or after the browser reconnected)."""
+        args = parse_argstring(self._cmd_attach, line)
+        from IPython.display import display
+
+        from .run_dashboard import dashboard_for
+
+        display(dashboard_for(registry.find_run(args.run, self.namespace)))
+
+    @magic_arguments("dspex checkpoint")
+    @argument("run", help="variable holding the run, or its run id")
+    @argument("--timeout", type=float, default=actions.ACTION_TIMEOUT_S, metavar="SECONDS")
+    def _cmd_checkpoint(self, line: str, cell: str | None) -> None:
+        """Write a checkpoint of a running optimization now (within one trial)."""
+        args = parse_argstring(self._cmd_checkpoint, line)
+        run = registry.find_run(args.run, self.namespace)
+        print(actions.checkpoint_run(run, timeout=args.timeout))
+
+    @magic_arguments("dspex cancel")
+    @argument("run", help="variable holding the run, or its run id")
+    @argument("--timeout", type=float, default=actions.ACTION_TIMEOUT_S, metavar="SECONDS")
+    def _cmd_cancel(self, line: str, cell: str | None) -> None:
+        """Stop a running optimization within one trial; it stays resumable."""
+        args = parse_argstring(self._cmd_cancel, line)
+        run = registry.find_run(args.run, self.namespace)
+        print(actions.cancel_run(run, timeout=args.timeout))
+
+    @magic_arguments("dspex resume")
+    @argument("dir", help="the run's checkpoint folder")
+    @argument("--pool", required=True, help="the pool whose kernel goes on with it")
+    @argument("--program", help="variable holding the program (if it was a notebook object)")
+    @argument("--metric", help="variable holding the metric (if it was a notebook object)")
+    @argument("--lm", help="variable holding the task LM")
+    @argument("--prompt-lm", help="variable holding the prompt LM")
+    @argument("--snapshot", help="resume from this checkpoint file (default: the newest)")
+    @argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds to wait for a free kernel",
+    )
+    @argument("--name", help=f"variable to store the run in (default {DEFAULT_RUN_NAME!r})")
+    @argument("--no-display", action="store_true", help="do not show the dashboard")
+    def _cmd_resume(self, line: str, cell: str | None) -> None:
+        """Go on with a stopped run from its checkpoint folder, in a new session."""
+        args = parse_argstring(self._cmd_resume, line)
+        from ..optimizers.mipro import MIPROv2
+
+        name = self._run_name(args.name)
+        folder = Path(args.dir).expanduser().resolve()
+        known: dict[str, Any] = {}
+        for run in registry.runs():  # a run of that folder started here: its objects
+            if Path(run.checkpoint_dir).resolve() == folder:
+                if not run.done:
+                    raise DspexError(
+                        f"run {run.run_id} of {folder} is still {run.status}",
+                        hint=f"cancel it first: %dspex cancel {run.run_id}",
+                    )
+                known = dict(run.resume_objects)
+                run.close()  # its kernel goes back to the pool
+        given = {
+            "program": self._variable(args.program, "--program", reference=True),
+            "metric": self._variable(args.metric, "--metric", reference=True),
+            "task_lm": self._lm(args.lm, "--lm"),
+            "prompt_lm": self._lm(args.prompt_lm, "--prompt-lm"),
+        }
+        objects = {k: given[k] if given[k] is not None else known.get(k) for k in given}
+        run = MIPROv2.resume(
+            folder,
+            registry.find_pool(args.pool),
+            snapshot=args.snapshot,
+            session_timeout=args.wait,
+            **objects,
+        )
+        self.namespace[name] = run
+        print(f"run {run.run_id} resumed in pool {args.pool!r}, stored as `{name}`")
+        self._show_run(run, name, not args.no_display)
+
+    @magic_arguments("dspex runs")
+    def _cmd_runs(self, line: str, cell: str | None) -> None:
+        """List the optimization runs of this notebook."""
+        parse_argstring(self._cmd_runs, line)
+        from .snapshot import run_summary
+
+        runs = registry.runs()
+        if not runs:
+            print("no optimization run; start one with %dspex optimize")
+        for run in runs:
+            s = run_summary(run)
+            best = f"{s['best_score']:.4g}" if s["best_score"] is not None else "-"
+            print(
+                f"{s['run_id']}  {s['status']:<10} trials {s['trials']:<4} best {best:<8} "
+                f"pool {s['pool']}  {s['checkpoint_dir']}"
+            )
+
+
+def overview() -> str:
+    """Every subcommand with its one-line summary (``%dspex --help`` and ``%dspex?``)."""
+    lines = [
+        "%dspex SUBCOMMAND [options]  (or %%dspex run POOL / %%dspex session NAME "
+        "on a cell); %dspex SUBCOMMAND --help explains one",
+        "",
+    ]
+    for attribute in sorted(vars(DspexMagics)):
+        if attribute.startswith("_cmd_"):
+            summary = first_line(getattr(DspexMagics, attribute).parser.description or "")
+            lines.append(f"  {attribute[len('_cmd_') :]:<11} {summary}")
+    lines += ["", "%dspex --debug SUBCOMMAND ... shows the full traceback of an error."]
+    return "\n".join(lines)
+
+
+DspexMagics.dspex.__doc__ = overview()
+
+
+# ---- the extension -------------------------------------------------------------------
+_RUN_TYPE = ("dspex_jupyter.optimizers.mipro", "OptimizationRun")
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the magics, show runs as dashboards, and serve the lab sidebar's comm.
+    Loading again does nothing."""
+    if getattr(ipython, "_dspex_extension", None) is not None:
+        return
+    from .run_dashboard import display_run
+
+    magics = DspexMagics(ipython)
+    ipython.register_magics(magics)
+    formatter = ipython.display_formatter.ipython_display_formatter
+    formatter.for_type_by_name(*_RUN_TYPE, display_run)
+    bridge = None
+    if getattr(ipython, "kernel", None) is not None:  # a frontend can open comms
+        from .lab_bridge import LabBridge
+
+        bridge = LabBridge()
+        bridge.register()
+    ipython._dspex_extension = {"magics": magics, "bridge": bridge}
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Undo ``load_ipython_extension``; pools and runs keep going."""
+    state = getattr(ipython, "_dspex_extension", None)
+    if state is None:
+        return
+    if state["bridge"] is not None:
+        state["bridge"].unregister()
+    formatter = ipython.display_formatter.ipython_display_formatter
+    with contextlib.suppress(KeyError):
+        formatter.pop(".".join(_RUN_TYPE))
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("dspex", None)
+    ipython._dspex_extension = None

@@ -1,0 +1,225 @@
+"""What a run's dashboard shows, folded from the run's events: no widgets, no I/O.
+
+Event kinds and fields are those of ``dspex_jupyter.runtime.mipro`` ("status", "phase",
+"candidate", "trial", "checkpoint", "complete", "cancelled", "error", "resumed").
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+PHASES = ("bootstrap", "propose", "search")
+FINISHED = ("completed", "cancelled", "failed")
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One evaluated configuration: a minibatch or a full evaluation."""
+
+    number: int
+    eval: str  # "minibatch" or "full"
+    score: float
+    best_score: float | None
+    params: dict[str, int] = field(default_factory=dict)
+    time: float | None = None
+
+
+@dataclass
+class PhaseProgress:
+    step: int = 0
+    total: int | None = None
+    done: bool = False
+
+
+def trials_from_snapshot(body: dict[str, Any]) -> list[TrialPoint]:
+    """The trials a checkpoint snapshot holds, numbered as the run's trial events are."""
+    points: list[TrialPoint] = []
+    best: float | None = None
+    for number, trial in enumerate((body.get("search") or {}).get("trials", []), start=1):
+        score = float(trial["value"])
+        kind = trial.get("kind", "full")
+        if kind == "full" and (best is None or score > best):
+            best = score
+        points.append(TrialPoint(number, kind, score, best, dict(trial.get("params") or {})))
+    return points
+
+
+class RunProgress:
+    """A run's state for display; ``apply(event)`` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.status = "starting"
+        self.phase: str | None = None
+        self.phases = {name: PhaseProgress() for name in PHASES}
+        self.trials: list[TrialPoint] = []
+        self.candidates: dict[tuple[int, int], str] = {}
+        self.usage: dict[str, Any] = {}
+        self.best_score: float | None = None
+        self.error: dict[str, Any] | None = None
+        self.last_checkpoint: dict[str, Any] | None = None
+        self.cancelled_checkpoint: str | None = None
+        self.events_seen = 0
+        # Trial times since the run (re)started in its current kernel, for the ETA.
+        self._timed: list[tuple[int, float]] = []
+
+    # ---- folding events ---------------------------------------------------------
+    def apply(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.events_seen += 1
+            handler = getattr(self, f"_on_{event.get('kind')}", None)
+            if handler is not None:
+                handler(event)
+
+    def add_prior_trials(self, points: list[TrialPoint]) -> None:
+        """Trials from before a resume (read from the snapshot it resumed from)."""
+        with self._lock:
+            known = {t.number for t in self.trials}
+            merged = [p for p in points if p.number not in known] + self.trials
+            self.trials = sorted(merged, key=lambda t: t.number)
+            if self.trials and self.best_score is None:
+                self.best_score = self.trials[-1].best_score
+
+    def _on_status(self, event: dict[str, Any]) -> None:
+        if self.status not in FINISHED:
+            self.status = event.get("status", self.status)
+
+    def _on_phase(self, event: dict[str, Any]) -> None:
+        name = event.get("phase")
+        if name not in self.phases:
+            return
+        self.phase = name
+        for earlier in PHASES[: PHASES.index(name)]:
+            progress = self.phases[earlier]
+            progress.done = True
+            if progress.total is not None:
+                progress.step = progress.total
+        progress = self.phases[name]
+        progress.step = int(event.get("step") or 0)
+        if event.get("total") is not None:
+            progress.total = int(event["total"])
+        if self.status == "starting":
+            self.status = "running"
+
+    def _on_candidate(self, event: dict[str, Any]) -> None:
+        self.candidates[(int(event["predictor"]), int(event["index"]))] = str(event["instruction"])
+        propose = self.phases["propose"]
+        if propose.total is not None:
+            propose.step = min(propose.total, max(propose.step, int(event["index"]) + 1))
+
+    def _on_trial(self, event: dict[str, Any]) -> None:
+        point = TrialPoint(
+            number=int(event["number"]),
+            eval=str(event.get("eval", "minibatch")),
+            score=float(event["score"]),
+            best_score=event.get("best_score"),
+            params=dict(event.get("params") or {}),
+            time=event.get("time"),
+        )
+        if self.trials and self.trials[-1].number >= point.number:  # seen again (resume)
+            self.trials = [t for t in self.trials if t.number != point.number] + [point]
+            self.trials.sort(key=lambda t: t.number)
+        else:
+            self.trials.append(point)
+        self.best_score = point.best_score
+        if event.get("usage"):
+            self.usage = dict(event["usage"])
+        search = self.phases["search"]
+        search.step = max(search.step, point.number)
+        if point.time is not None:
+            self._timed.append((point.number, float(point.time)))
+
+    def _on_checkpoint(self, event: dict[str, Any]) -> None:
+        self.last_checkpoint = {k: event.get(k) for k in ("path", "phase", "reason", "trial")}
+
+    def _on_complete(self, event: dict[str, Any]) -> None:
+        self.status = "completed"
+        self.best_score = event.get("best_score", self.best_score)
+        if event.get("usage"):
+            self.usage = dict(event["usage"])
+        for progress in self.phases.values():
+            progress.done = True
+            if progress.total is not None:
+                progress.step = progress.total
+
+    def _on_cancelled(self, event: dict[str, Any]) -> None:
+        self.status = "cancelled"
+        self.cancelled_checkpoint = event.get("checkpoint")
+
+    def _on_error(self, event: dict[str, Any]) -> None:
+        self.status = "failed"
+        self.error = {
+            "type": event.get("error_type", "Error"),
+            "message": event.get("message", ""),
+            "traceback": "".join(event.get("traceback") or []),
+            "infrastructure": bool(event.get("infrastructure")),
+            "resumable": bool(event.get("resumable")),
+        }
+
+    def _on_resumed(self, event: dict[str, Any]) -> None:
+        self.status = "running"
+        self.error = None
+        self.cancelled_checkpoint = None
+        # Trials after the snapshot are evaluated again; their old points go.
+        kept = int(event.get("trial") or 0)
+        self.trials = [t for t in self.trials if t.number <= kept]
+        self._timed = []
+
+    def note_failure(self, message: str) -> None:
+        """The run ended without an error event (its kernel died, its stream broke)."""
+        with self._lock:
+            if self.status not in FINISHED or self.error is None:
+                self.status = "failed"
+                self.error = {
+                    "type": "",
+                    "message": message,
+                    "traceback": "",
+                    "infrastructure": True,
+                    "resumable": True,
+                }
+
+    # ---- derived values ---------------------------------------------------------
+    def copy(self) -> RunProgress:
+        """A consistent copy to render from while events keep arriving."""
+        with self._lock:
+            clone = copy.copy(self)
+            clone._lock = threading.Lock()
+            clone.phases = {k: copy.copy(v) for k, v in self.phases.items()}
+            clone.trials = list(self.trials)
+            clone.candidates = dict(self.candidates)
+            clone.usage = dict(self.usage)
+            clone._timed = list(self._timed)
+            return clone
+
+    def eta_seconds(self) -> float | None:
+        """Seconds left in the search, from the pace of the trials seen so far."""
+        search = self.phases["search"]
+        if self.status in FINISHED or search.total is None or len(self._timed) < 2:
+            return None
+        (first_n, first_t), (last_n, last_t) = self._timed[0], self._timed[-1]
+        if last_n <= first_n:
+            return None
+        per_trial = (last_t - first_t) / (last_n - first_n)
+        return max(0.0, per_trial * (search.total - last_n))
+
+    def candidate_rows(self) -> list[dict[str, Any]]:
+        """Each proposed instruction with the trials that used it and their scores."""
+        rows = []
+        for (predictor, index), text in sorted(self.candidates.items()):
+            key = f"{predictor}_predictor_instruction"
+            scores = [t.score for t in self.trials if t.params.get(key) == index]
+            full = [t.score for t in self.trials if t.params.get(key) == index and t.eval == "full"]
+            rows.append(
+                {
+                    "predictor": predictor,
+                    "index": index,
+                    "instruction": text,
+                    "trials": len(scores),
+                    "mean_score": sum(scores) / len(scores) if scores else None,
+                    "best_full_score": max(full) if full else None,
+                }
+            )
+        return rows

@@ -1,0 +1,148 @@
+"""One JSON-ready picture of everything dspex runs in this notebook.
+
+The pool dashboard widget renders it and the lab bridge sends it to the JupyterLab
+sidebar, whose TypeScript codes against this schema (every key is always present; sizes
+are bytes, times are seconds, ``time`` is a Unix timestamp):
+
+    {
+      "time": float,                       # when the snapshot was taken
+      "pools": [
+        {
+          "name": str,
+          "source": str,                   # where its kernels come from, in words
+          "size": int,                     # kernels the pool keeps
+          "max_memory": int | null,        # per-kernel RSS limit, bytes
+          "deaths": int,                   # kernels that died since the pool started
+          "last_error": str,               # "" when none
+          "kernels": [
+            {
+              "id": str,                   # "POOL/NUMBER": the target of restart_kernel
+              "pid": int | null,
+              "state": str,                # starting | idle | busy | session | stopping | dead
+              "session": str | null,       # id of the session holding it
+              "rss": int,                  # bytes, the kernel and its children
+              "uptime": float,             # seconds
+              "calls_served": int
+            }
+          ],
+          "sessions": [str]                # ids of the pool's open sessions
+        }
+      ],
+      "runs": [
+        {
+          "run_id": str,
+          "status": str,                   # starting | running | completed | cancelled | failed
+          "phase": str | null,             # bootstrap | propose | search
+          "step": int,                     # progress within the phase ...
+          "total": int | null,             # ... out of this many (search: trials)
+          "trials": int,                   # trials evaluated so far
+          "best_score": float | null,
+          "usage": {"calls": int, "prompt_tokens": int, "completion_tokens": int,
+                    "total_tokens": int, "cost": float},   # {} before the first trial
+          "pool": str,
+          "checkpoint_dir": str,
+          "error": str | null              # one line
+        }
+      ],
+      "gpu": {
+        "available": bool,
+        "reason": str,                     # why not available (or what is missing); "" if none
+        "devices": [
+          {
+            "index": int, "name": str, "used": int, "total": int,
+            "kernels": [{"pid": int, "pool": str, "kernel": str, "used": int}]
+          }
+        ]
+      },
+      "sessions_active": int               # open sessions over all pools
+    }
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import registry
+from .gpu import gpu_memory, kernel_refs
+from .html_render import first_line
+
+if TYPE_CHECKING:
+    from ..core.manager import PoolManager
+    from ..optimizers.mipro import OptimizationRun
+
+KERNEL_KEYS = ("id", "pid", "state", "session", "rss", "uptime", "calls_served")
+
+
+def pool_health(managers: Iterable[PoolManager] | None = None) -> list[dict[str, Any]]:
+    """``Pool.health()`` of every running pool (of every live manager by default)."""
+    pools = []
+    for manager in registry.managers() if managers is None else managers:
+        try:
+            health = manager.health()
+        except RuntimeError:  # shut down meanwhile
+            continue
+        pools.extend(health["pools"].values())
+    return pools
+
+
+def run_summary(run: OptimizationRun) -> dict[str, Any]:
+    phase: dict[str, Any] = {}
+    for event in reversed(run.events):
+        if event["kind"] == "phase":
+            phase = event
+            break
+    error = first_line(str(run.error)) if run.error is not None else None
+    return {
+        "run_id": run.run_id,
+        "status": run.status,
+        "phase": phase.get("phase"),
+        "step": int(phase.get("step") or 0),
+        "total": phase.get("total"),
+        "trials": int(run.metrics.get("trials", 0)),
+        "best_score": run.metrics.get("best_score"),
+        "usage": dict(run.metrics.get("usage") or {}),
+        "pool": run.session.pool_name,
+        "checkpoint_dir": str(run.checkpoint_dir),
+        "error": error,
+    }
+
+
+def snapshot(
+    managers: Iterable[PoolManager] | None = None,
+    runs: Iterable[OptimizationRun] | None = None,
+    *,
+    gpu: bool = True,
+    nvml: Any = None,
+) -> dict[str, Any]:
+    """Pools, kernels, sessions, runs and GPU memory now (schema in the module docstring).
+
+    Blocks briefly on the managers' threads: call it from the notebook's thread or a
+    timer thread, never from an event callback."""
+    health = pool_health(managers)
+    pools = [
+        {
+            "name": p["name"],
+            "source": p["source"],
+            "size": p["size"],
+            "max_memory": p["max_memory"],
+            "deaths": p["deaths"],
+            "last_error": p["last_error"],
+            "kernels": [{k: kernel[k] for k in KERNEL_KEYS} for kernel in p["kernels"]],
+            "sessions": list(p["sessions"]),
+        }
+        for p in health
+    ]
+    if gpu:
+        memory = gpu_memory(kernel_refs(health), nvml=nvml)
+        gpu_state = {k: memory[k] for k in ("available", "reason", "devices")}
+    else:
+        gpu_state = {"available": False, "reason": "not measured", "devices": []}
+    return {
+        "time": time.time(),
+        "pools": pools,
+        "runs": [run_summary(r) for r in (registry.runs() if runs is None else runs)],
+        "gpu": gpu_state,
+        "sessions_active": sum(len(p["sessions"]) for p in pools),
+    }

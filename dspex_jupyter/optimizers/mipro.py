@@ -1,0 +1,544 @@
+"""MIPROv2 in a dedicated session: the notebook-side handle of a run.
+
+``optimize`` returns at once; the run goes on in a session's kernel (on a thread there, so
+the kernel still answers "checkpoint now" and "cancel"), and its events stream back into
+``run.events`` while the notebook keeps executing cells.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import CheckpointDir, scrub_secrets
+from ..core.errors import DspexError, KernelDied, PoolNotFound, RemoteError, classify
+from ..core.pool import Pool
+from ..core.recovery import RecoveryPolicy
+from ..core.session import Session
+
+RUNTIME = "dspex_jupyter.runtime.mipro"
+# Runs of this process by run id (a resumed run replaces its predecessor), for dashboards.
+_live_runs: weakref.WeakValueDictionary[str, OptimizationRun] = weakref.WeakValueDictionary()
+
+
+def live_runs() -> list[OptimizationRun]:
+    """The runs of this process that something still references (notebook widgets use it)."""
+    return list(_live_runs.values())
+
+
+class RunCancelled(DspexError):
+    """The run was cancelled; it can be resumed from its checkpoint."""
+
+
+class RunFailed(DspexError):
+    """The run stopped on an error; it can be resumed from its last checkpoint."""
+
+
+# ---- what travels to the kernel ------------------------------------------------------
+def _callable_spec(obj: Any, what: str) -> tuple[dict[str, Any], Any]:
+    """An import path travels as a reference (and survives in checkpoints); anything
+    else travels by value, in memory only."""
+    if isinstance(obj, str):
+        if ":" not in obj:
+            raise ValueError(f"{what} reference {obj!r} must look like 'package.module:name'")
+        return {"kind": "ref", "ref": obj}, None
+    if obj is None:
+        raise ValueError(f"{what} is required")
+    return {"kind": "value"}, obj
+
+
+def _program_spec(program: Any) -> tuple[dict[str, Any], Any]:
+    if isinstance(program, str):
+        return _callable_spec(program, "program")
+    import dspy
+
+    if not isinstance(program, dspy.Module):
+        raise TypeError(
+            f"program must be a dspy.Module or 'module:name', got {type(program).__name__}"
+        )
+    cls = type(program)
+    if cls in (dspy.Predict, dspy.ChainOfThought):
+        signature = _signature_text(program)
+        if signature is not None:
+            spec = {
+                "kind": "dspy",
+                "class": f"{cls.__module__}:{cls.__qualname__}",
+                "signature": signature,
+                "state": program.dump_state(),
+            }
+            return spec, None
+    return {"kind": "value", "class": f"{cls.__module__}:{cls.__qualname__}"}, program
+
+
+def _signature_text(program: Any) -> str | None:
+    predictor = program.predictors()[0] if program.predictors() else None
+    signature = getattr(predictor, "signature", None)
+    if signature is None:
+        return None
+    inputs = ", ".join(signature.input_fields)
+    outputs = [n for n in signature.output_fields if n != "reasoning"]
+    return f"{inputs} -> {', '.join(outputs)}"
+
+
+def _lm_spec(lm: Any) -> dict[str, Any] | None:
+    if lm is None:
+        return None
+    if isinstance(lm, str):
+        import dspy
+
+        lm = dspy.LM(lm)
+    cls = type(lm)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "state": scrub_secrets(lm.dump_state()),
+    }
+
+
+def _example_json(example: Any) -> dict[str, Any]:
+    if isinstance(example, dict):
+        return {"data": dict(example), "inputs": None}
+    inputs = getattr(example, "_input_keys", None)
+    return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
+
+
+# ---- the result ----------------------------------------------------------------------
+class OptimizedModule:
+    """The best program a run found: its state (JSON), instructions, demos and metadata."""
+
+    def __init__(self, result: dict[str, Any], spec: dict[str, Any], program: Any = None):
+        self.state: dict[str, Any] = result["program_state"]
+        self._spec = spec
+        self._program = program
+        self.metadata = {
+            "optimizer": "MIPROv2",
+            "config": {"optimizer": spec["optimizer"], "compile": spec["compile"]},
+            "metrics": {"best_score": result.get("best_score"), "usage": result.get("usage")},
+            "best_params": result.get("best_params"),
+            "trials": result.get("trials", []),
+        }
+
+    @property
+    def instructions(self) -> dict[str, str]:
+        return {name: p["signature"]["instructions"] for name, p in self.state.items()}
+
+    @property
+    def demos(self) -> dict[str, list[dict[str, Any]]]:
+        return {name: p.get("demos", []) for name, p in self.state.items()}
+
+    @property
+    def score(self) -> float | None:
+        return self.metadata["metrics"]["best_score"]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the program's state as DSPy's ``module.save("x.json")`` does (JSON)."""
+        import json
+
+        path = Path(path)
+        path.write_text(json.dumps(self.state, indent=2))
+        return path
+
+    def to_dspy(self, program: Any = None) -> Any:
+        """The optimized program as a DSPy module in this process."""
+        import dspy
+
+        if program is None:
+            program = self._program
+        if program is None and self._spec["program"].get("kind") == "dspy":
+            module_name, _, name = self._spec["program"]["class"].partition(":")
+            cls = getattr(__import__(module_name, fromlist=[name]), name)
+            program = cls(self._spec["program"]["signature"])
+        if program is None:
+            raise DspexError(
+                "this program was defined in the notebook",
+                hint="pass an instance of it: optimized.to_dspy(MyProgram())",
+            )
+        if not isinstance(program, dspy.Module):
+            raise TypeError("to_dspy() needs a dspy.Module instance")
+        fresh = program.deepcopy()
+        fresh.load_state(self.state)
+        return fresh
+
+    def __repr__(self) -> str:
+        return f"<OptimizedModule MIPROv2 best_score={self.score} predictors={list(self.state)}>"
+
+
+# ---- the run -------------------------------------------------------------------------
+class OptimizationRun:
+    """A MIPROv2 run in a session's kernel: live status, events, checkpoint, cancel."""
+
+    def __init__(
+        self,
+        session: Session,
+        run_id: str,
+        checkpoint_dir: Path,
+        spec: dict[str, Any],
+        program: Any = None,
+        objects: dict[str, Any] | None = None,
+        recovery: RecoveryPolicy | None = None,
+    ) -> None:
+        self.session = session
+        self.pool = session._pool
+        self.recovery = recovery or RecoveryPolicy()
+        self.auto_resumes = 0
+        self._objects = objects or {}
+        self.run_id = run_id
+        self.checkpoint_dir = checkpoint_dir
+        self.spec = spec
+        self.events: list[dict[str, Any]] = []
+        self.status = "starting"
+        self.error: BaseException | None = None
+        self.metrics: dict[str, Any] = {"trials": 0, "best_score": None, "usage": {}}
+        self._program = program
+        self._callbacks: list[Callable[[dict[str, Any]], None]] = []
+        self._done = threading.Event()
+        self._changed = threading.Condition()
+        self._result: OptimizedModule | None = None
+        self._consumer: asyncio.Future[None] | None = None
+        # The notebook objects it was started with (program, metric, LMs): resume needs them.
+        self.resume_objects: dict[str, Any] = {}
+        _live_runs[run_id] = self
+
+    def __repr__(self) -> str:
+        return (
+            f"<OptimizationRun {self.run_id} {self.status} trials={self.metrics['trials']} "
+            f"best={self.metrics['best_score']}>"
+        )
+
+    # ---- live events ----------------------------------------------------------------
+    def on_event(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(event)`` for every event (those already received first)."""
+        with self._changed:
+            past = list(self.events)
+            self._callbacks.append(callback)
+        for event in past:
+            callback(event)
+
+    def _start_consuming(self, start: int = 0) -> None:
+        runner = self.session._runner
+        self._consumer = asyncio.wrap_future(runner.submit(self._consume(start)), loop=runner.loop)
+
+    async def _consume(self, start: int) -> None:
+        try:
+            while True:
+                try:
+                    async for event in self.session.stream(f"{RUNTIME}:events", self.run_id, start):
+                        self._apply(event)
+                    break
+                except KernelDied as exc:
+                    if not await self._auto_resume(exc):
+                        raise
+                    start = 0
+        except BaseException as exc:  # the kernel died for good, or the stream failed
+            self.error = exc
+            self.status = "failed"
+        finally:
+            if self.status == "completed":
+                try:
+                    result = await self.session.acall(f"{RUNTIME}:result", self.run_id)
+                    self._result = OptimizedModule(result, self.spec, self._program)
+                except BaseException as exc:
+                    self.error, self.status = exc, "failed"
+                else:
+                    await self.session.arelease()
+            with self._changed:
+                self._changed.notify_all()
+            self._done.set()
+
+    async def _auto_resume(self, exc: BaseException) -> bool:
+        """The run's kernel died: on a fresh kernel, go on from the last checkpoint."""
+        if self.auto_resumes >= self.recovery.auto_resume or self.status == "cancelled":
+            return False
+        self.auto_resumes += 1
+        self._apply(
+            {
+                "seq": -1,
+                "time": time.time(),
+                "kind": "recovery",
+                "action": "resume",
+                "attempt": self.auto_resumes,
+                "reason": str(exc).splitlines()[0],
+            }
+        )
+        pool = self.pool
+        if not await pool._wait_ready(timeout=120):
+            return False
+        session = await pool._open_session(None, timeout=120, call_timeout=None)
+        try:
+            await session._call(
+                f"{RUNTIME}:resume_run", (str(self.checkpoint_dir), self._objects, None), {}
+            )
+        except BaseException:
+            await session._release()
+            raise
+        self.session = session
+        self.status = "running"
+        return True
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "trial":
+            self.metrics["trials"] = max(self.metrics["trials"], event["number"])
+            self.metrics["best_score"] = event["best_score"]
+            self.metrics["usage"] = event.get("usage", {})
+        elif kind == "status":
+            self.status = event["status"]
+        elif kind == "phase":
+            self.metrics["phase"] = event["phase"]
+            if self.status in ("starting", "running"):
+                self.status = "running"
+        elif kind == "complete":
+            self.status = "completed"
+            self.metrics["best_score"] = event["best_score"]
+            self.metrics["usage"] = event["usage"]
+        elif kind == "cancelled":
+            self.status = "cancelled"
+        elif kind == "error":
+            self.status = "failed"
+            error = {
+                "type": event["error_type"],
+                "module": event["module"],
+                "message": event["message"],
+                "traceback": event.get("traceback"),
+            }
+            self.error = classify(error, self.session._worker.where())
+        with self._changed:
+            self.events.append(event)
+            callbacks = list(self._callbacks)
+            self._changed.notify_all()
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception:  # a broken callback must not stop the run's bookkeeping
+                import logging
+
+                logging.getLogger("dspex_jupyter").exception("run event callback failed")
+
+    def wait_for_event(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Block until an event matching ``predicate`` has arrived; return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        with self._changed:
+            while True:
+                for event in self.events[seen:]:
+                    if predicate(event):
+                        return event
+                seen = len(self.events)
+                if self._done.is_set():
+                    raise DspexError(f"run {self.run_id} ended ({self.status}) before that event")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"no such event from run {self.run_id} within {timeout} s")
+                self._changed.wait(remaining)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # ---- control --------------------------------------------------------------------
+    def checkpoint(self, timeout: float | None = 120) -> Path:
+        """Write a checkpoint at the next safe point (within one trial); its path."""
+        request = self.session.call(f"{RUNTIME}:request_checkpoint", self.run_id)["request"]
+        event = self.wait_for_event(
+            lambda e: e["kind"] == "checkpoint" and e.get("serves_request", 0) >= request, timeout
+        )
+        return Path(event["path"])
+
+    def cancel(self, timeout: float | None = 120) -> Path | None:
+        """Stop within one trial; the run keeps a resumable checkpoint (its path)."""
+        if not self.done:
+            self.session.call(f"{RUNTIME}:cancel", self.run_id)
+        self._done.wait(timeout)
+        for event in reversed(self.events):
+            if event["kind"] == "cancelled":
+                return Path(event["checkpoint"])
+        return None
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """The run's checkpoints: time, phase, trial, best score (for resume)."""
+        return CheckpointDir(self.checkpoint_dir).listing()
+
+    def result(self, timeout: float | None = None) -> OptimizedModule:
+        """Wait for the run to finish; the optimized program, or the run's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.run_id} still {self.status} after {timeout} s")
+        if self._result is not None:
+            return self._result
+        if self.status == "cancelled":
+            raise RunCancelled(
+                f"run {self.run_id} was cancelled",
+                hint=f"resume it: dspex.MIPROv2.resume({str(self.checkpoint_dir)!r}, pool=...)",
+            )
+        if isinstance(self.error, RemoteError | DspexError):
+            raise self.error
+        raise RunFailed(
+            f"run {self.run_id} failed: {self.error}", hint="resume it from its last checkpoint"
+        )
+
+    def close(self) -> None:
+        """Release the run's session (its kernel goes back to the pool)."""
+        if self.session.active:
+            self.session.release()
+
+
+# ---- the optimizer -------------------------------------------------------------------
+
+
+class MIPROv2:
+    """DSPy's MIPROv2, run in a dedicated session of a pool.
+
+    Arguments are MIPROv2's own (``auto``, ``num_candidates``, ``seed``, ...); ``metric``
+    and ``program`` may be import paths ("pkg.mod:name", which checkpoints can rebuild) or
+    objects from the notebook (shipped by value; pass them again to ``resume``).
+    ``task_lm``/``prompt_lm`` are ``dspy.LM`` objects: their settings travel, API keys do
+    not (give the pool ``env_vars`` for those).
+    """
+
+    def __init__(
+        self,
+        pool: Pool | str,
+        metric: Any,
+        task_lm: Any = None,
+        prompt_lm: Any = None,
+        *,
+        auto: str | None = "light",
+        num_candidates: int | None = None,
+        seed: int = 9,
+        manager: Any = None,
+        session_timeout: float = 1800.0,
+        recovery: RecoveryPolicy | dict[str, Any] | None = None,
+        **mipro_kwargs: Any,
+    ) -> None:
+        self.pool = _resolve_pool(pool, manager)
+        self.recovery = RecoveryPolicy.coerce(
+            recovery if recovery is not None else self.pool.spec.recovery
+        )
+        self.metric = metric
+        self.task_lm = task_lm
+        self.prompt_lm = prompt_lm
+        self.session_timeout = session_timeout
+        self.options = {
+            "auto": auto,
+            "num_candidates": num_candidates,
+            "seed": seed,
+            **mipro_kwargs,
+        }
+        self.options.setdefault("verbose", False)
+
+    def optimize(
+        self,
+        program: Any,
+        trainset: Sequence[Any],
+        valset: Sequence[Any] | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        **compile_kwargs: Any,
+    ) -> OptimizationRun:
+        """Start a run; returns at once with its live handle."""
+        if self.task_lm is None:
+            raise ValueError("task_lm is required (a dspy.LM)")
+        run_id = uuid.uuid4().hex[:12]
+        folder = Path(checkpoint_dir or Path.cwd() / "dspex-runs" / run_id).expanduser().resolve()
+        program_spec, program_obj = _program_spec(program)
+        metric_spec, metric_obj = _callable_spec(self.metric, "metric")
+        spec = {
+            "run_id": run_id,
+            "checkpoint_dir": str(folder),
+            "optimizer": copy.deepcopy(self.options),
+            "compile": dict(compile_kwargs),
+            "program": program_spec,
+            "metric": metric_spec,
+            "task_lm": _lm_spec(self.task_lm),
+            "prompt_lm": _lm_spec(self.prompt_lm),
+            "recovery": self.recovery.to_json(),
+        }
+        data = {
+            "trainset": [_example_json(e) for e in trainset],
+            "valset": [_example_json(e) for e in valset] if valset is not None else None,
+        }
+        objects = {
+            "program": program_obj,
+            "metric": metric_obj,
+            "task_lm": self.task_lm,
+            "prompt_lm": self.prompt_lm,
+        }
+        session = self.pool.session(timeout=self.session_timeout)
+        try:
+            session.call(f"{RUNTIME}:start_run", spec, data, objects)
+        except BaseException:
+            session.release()
+            raise
+        run = OptimizationRun(
+            session,
+            run_id,
+            folder,
+            spec,
+            program if program_obj is not None else None,
+            objects=objects,
+            recovery=self.recovery,
+        )
+        run.resume_objects = objects
+        run._start_consuming()
+        return run
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint_dir: str | Path,
+        pool: Pool | str,
+        *,
+        manager: Any = None,
+        program: Any = None,
+        metric: Any = None,
+        task_lm: Any = None,
+        prompt_lm: Any = None,
+        snapshot: str | None = None,
+        session_timeout: float = 1800.0,
+        recovery: RecoveryPolicy | dict[str, Any] | None = None,
+    ) -> OptimizationRun:
+        """Go on from a run's newest checkpoint (or ``snapshot``), in a new session."""
+        from ..checkpoint import read_json_checked
+
+        folder = CheckpointDir(checkpoint_dir)
+        spec = read_json_checked(folder.run_file) if folder.run_file.is_file() else None
+        if spec is None:
+            folder.latest()  # raises the clear "not a dspex run" error
+        pool_obj = _resolve_pool(pool, manager)
+        objects = {"program": program, "metric": metric, "task_lm": task_lm, "prompt_lm": prompt_lm}
+        session = pool_obj.session(timeout=session_timeout)
+        try:
+            session.call(f"{RUNTIME}:resume_run", str(folder.path), objects, snapshot)
+        except BaseException:
+            session.release()
+            raise
+        policy = RecoveryPolicy.coerce(recovery if recovery is not None else spec.get("recovery"))
+        run = OptimizationRun(
+            session, spec["run_id"], folder.path, spec, program, objects=objects, recovery=policy
+        )
+        run.resume_objects = objects
+        run._start_consuming()
+        return run
+
+
+def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
+    if isinstance(pool, Pool):
+        return pool
+    if manager is not None:
+        return manager.pool(pool)
+    from ..core.manager import _live_managers
+
+    found = [m.pools[pool] for m in list(_live_managers) if pool in m.pools]
+    if len(found) == 1:
+        return found[0]
+    raise PoolNotFound(
+        f"no running pool named {pool!r}" if not found else f"several managers run a pool {pool!r}",
+        hint="start it with PoolManager(...).start(), or pass manager= or the Pool itself",
+    )

@@ -1,0 +1,894 @@
+"""DSPy's MIPROv2 inside a pool kernel: checkpointed after every step, resumed exactly.
+
+Imported only when a run starts (it imports DSPy and Optuna). The search loop of
+``MIPROv2._optimize_prompt_parameters`` is re-written here step for step (same RNG draws,
+same Optuna calls in the same order) so that it can checkpoint after every trial and pick
+up from any checkpoint; upstream's loop lives in a closure that cannot be resumed. The
+fidelity test compares this loop with upstream's ``compile`` trial by trial.
+
+What a checkpoint needs for an exact resume (see shared notes): the demo and instruction
+candidates, the optimizer's ``random.Random`` state after each step, the Optuna trials and
+the TPE sampler's RNG states, and the loop's bookkeeping, rebuilt from the trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import queue
+import re
+import sys
+import threading
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.teleprompt import MIPROv2
+from dspy.teleprompt.mipro_optimizer_v2 import _import_optuna
+from dspy.teleprompt.utils import eval_candidate_program, get_program_with_highest_avg_score
+from dspy.utils.callback import BaseCallback
+from dspy.utils.usage_tracker import UsageTracker
+
+from ..checkpoint import (
+    CheckpointDir,
+    CheckpointError,
+    read_json_checked,
+    scrub_secrets,
+    write_json_atomic,
+)
+from .ops import resolve_callable
+
+logger = logging.getLogger("dspex_jupyter.mipro")
+
+# Errors that are not the program's fault: a trial that meets one is abandoned, never
+# scored 0.0 (upstream would count it as a failed example and carry on).
+INFRASTRUCTURE_ERRORS = (
+    ("torch", "OutOfMemoryError"),
+    ("torch.cuda", "OutOfMemoryError"),
+    ("builtins", "MemoryError"),
+    ("builtins", "ModuleNotFoundError"),
+)
+_BOOTSTRAP_LINE = re.compile(r"Bootstrapping set (\d+)/(\d+)")
+# Only these LM classes are rebuilt from a checkpoint by name; anything else must be
+# passed to resume() again (loading a checkpoint never imports arbitrary code).
+TRUSTED_LM_MODULES = ("dspy.", "dspex_jupyter.testing")
+
+
+class OptimizationDiverged(Exception):
+    """Every recent trial scored zero: stop and suggest another configuration."""
+
+
+class RunCancelled(Exception):
+    """Raised at a trial boundary when the client asked to cancel."""
+
+
+class TrialAbandoned(Exception):
+    """An infrastructure error hit an evaluation: stop, resumably, instead of scoring 0."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def clear_gpu_cache() -> dict[str, Any]:
+    """What the ``clear_gpu_cache`` op does, for the run's own thread."""
+    from .ops import clear_gpu_cache as op
+
+    return op(None)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    for cls in type(exc).__mro__:
+        if (cls.__module__, cls.__name__) in INFRASTRUCTURE_ERRORS:
+            return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+# ---- JSON forms of DSPy objects ------------------------------------------------------
+def example_to_json(example: Any) -> dict[str, Any]:
+    inputs = getattr(example, "_input_keys", None)
+    return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
+
+
+def example_from_json(data: dict[str, Any]) -> Any:
+    example = dspy.Example(**data["data"])
+    return example.with_inputs(*data["inputs"]) if data.get("inputs") else example
+
+
+def rng_state_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def rng_state_from_json(data: list[Any]) -> tuple[Any, ...]:
+    return (data[0], tuple(data[1]), data[2])
+
+
+def numpy_rng_to_json(rng: Any) -> list[Any]:
+    name, keys, pos, has_gauss, gauss = rng.get_state()
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss)]
+
+
+def numpy_rng_from_json(rng: Any, data: list[Any]) -> None:
+    import numpy as np
+
+    rng.set_state((data[0], np.array(data[1], dtype=np.uint32), data[2], data[3], data[4]))
+
+
+def demos_to_json(demo_candidates: Any) -> Any:
+    if demo_candidates is None:
+        return None
+    return {
+        str(i): [[example_to_json(d) for d in demo_set] for demo_set in sets]
+        for i, sets in demo_candidates.items()
+    }
+
+
+def demos_from_json(data: Any) -> Any:
+    if data is None:
+        return None
+    return {
+        int(i): [[example_from_json(d) for d in demo_set] for demo_set in sets]
+        for i, sets in data.items()
+    }
+
+
+def instructions_from_json(data: dict[str, list[str]]) -> dict[int, list[str]]:
+    return {int(i): list(v) for i, v in data.items()}
+
+
+# ---- usage that stays right under threads --------------------------------------------
+class SharedUsageTracker(UsageTracker):
+    """DSPy's ParallelExecutor deep-copies the usage tracker into every worker thread and
+    drops the copies (why ``track_usage`` undercounts with ``num_threads > 1``); this one
+    is shared on purpose, locked, and keeps running totals (read after every trial)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._totals = {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedUsageTracker:
+        return self
+
+    def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
+        with self._lock:
+            super().add_usage(lm, usage_entry)
+            for key in ("prompt_tokens", "completion_tokens"):
+                self._totals[key] += int(usage_entry.get(key) or 0)
+            self._totals["cost"] += float(usage_entry.get("cost") or 0.0)
+
+    def totals(self) -> dict[str, Any]:
+        with self._lock:
+            totals = dict(self._totals)
+        totals["total_tokens"] = totals["prompt_tokens"] + totals["completion_tokens"]
+        return totals
+
+
+class RunCallback(BaseCallback):
+    """Counts LM calls and notices infrastructure errors inside evaluations."""
+
+    def __init__(self, recorder: RunRecorder) -> None:
+        self.recorder = recorder
+        self._lock = threading.Lock()
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None):
+        with self._lock:
+            self.recorder.lm_calls += 1
+        if exception is not None and is_infrastructure_error(exception):
+            self.recorder.note_infrastructure_error(exception)
+
+    def on_module_end(self, call_id: str, outputs: Any, exception: BaseException | None = None):
+        if exception is not None and is_infrastructure_error(exception):
+            self.recorder.note_infrastructure_error(exception)
+
+
+class _ProgressLines(io.TextIOBase):
+    """Passes stdout through, and turns DSPy's "Bootstrapping set i/N" prints into events."""
+
+    def __init__(self, original: Any, recorder: RunRecorder) -> None:
+        self.original = original
+        self.recorder = recorder
+
+    def write(self, text: str) -> int:
+        for match in _BOOTSTRAP_LINE.finditer(text):
+            self.recorder.emit(
+                "phase", phase="bootstrap", step=int(match.group(1)), total=int(match.group(2))
+            )
+        return self.original.write(text)
+
+    def flush(self) -> None:
+        self.original.flush()
+
+
+# ---- the run's events and checkpoints ------------------------------------------------
+class RunRecorder:
+    """Events (kept, numbered, streamed) and checkpoints of one run."""
+
+    def __init__(self, run_id: str, folder: CheckpointDir, restored: dict[str, Any] | None):
+        self.run_id = run_id
+        self.folder = folder
+        self.restored = restored or {}
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self.finished = False
+        self.status = "starting"
+        self.cancel_requested = threading.Event()
+        self.checkpoint_requested = threading.Event()
+        self.checkpoint_requests = 0  # how many "checkpoint now" requests came in
+        self.checkpoint_served = 0  # the newest request a written snapshot answers
+        self.usage = SharedUsageTracker()
+        self.lm_calls = int(self.restored.get("usage", {}).get("calls", 0))
+        self._usage_base = dict(self.restored.get("usage", {}))
+        self.infrastructure_error: BaseException | None = None
+        self.progress: dict[str, Any] = dict(self.restored)
+        self.result: dict[str, Any] | None = None
+        self._writes: queue.Queue[tuple[Path, bytes, dict[str, Any]]] = queue.Queue()
+        threading.Thread(
+            target=self._write_snapshots, name=f"dspex-ckpt-{run_id}", daemon=True
+        ).start()
+
+    def emit(self, kind: str, **data: Any) -> dict[str, Any]:
+        with self.cond:
+            event = {
+                "seq": len(self.events),
+                "time": time.time(),
+                "kind": kind,
+                **scrub_secrets(data),
+            }
+            self.events.append(event)
+            self.cond.notify_all()
+        return event
+
+    def usage_totals(self) -> dict[str, Any]:
+        totals = self.usage.totals()
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens", "cost"):
+            totals[key] = totals[key] + self._usage_base.get(key, 0)
+        totals["calls"] = self.lm_calls
+        return totals
+
+    def note_infrastructure_error(self, exc: BaseException) -> None:
+        if self.infrastructure_error is None:
+            self.infrastructure_error = exc
+
+    def checkpoint(self, phase: str, reason: str, *, wait: bool = False, **state: Any) -> Path:
+        """Snapshot the progress: encoded here (fast), written by the writer thread so the
+        search does not wait for the disk. A kill before the write completes only means
+        resuming from the snapshot before, which is exact too. ``wait`` for the last one."""
+        with self.cond:
+            serves = self.checkpoint_requests
+            self.checkpoint_requested.clear()
+        if serves > self.checkpoint_served and reason in ("step", "trial"):
+            reason = "requested"  # this snapshot answers the pending request
+        self.checkpoint_served = max(self.checkpoint_served, serves)
+        self.progress.update(state)
+        self.progress["phase"] = phase
+        self.progress["usage"] = self.usage_totals()
+        started = time.perf_counter()
+        path, document = self.folder.prepare_snapshot({**self.progress, "reason": reason})
+        info = {
+            "phase": phase,
+            "reason": reason,
+            "trial": self.progress.get("trials_done", 0),
+            "best_score": self.progress.get("best_score"),
+            "serves_request": serves,
+            "encode_seconds": time.perf_counter() - started,
+        }
+        self._writes.put((path, document, info))
+        if wait:
+            self._writes.join()
+        return path
+
+    def _write_snapshots(self) -> None:
+        while True:
+            path, document, info = self._writes.get()
+            try:
+                started = time.perf_counter()
+                self.folder.commit_snapshot(path, document)
+                self.emit(
+                    "checkpoint",
+                    path=str(path),
+                    bytes=len(document),
+                    write_seconds=time.perf_counter() - started,
+                    **info,
+                )
+            except OSError as exc:
+                self.emit(
+                    "error",
+                    error_type=type(exc).__name__,
+                    module=type(exc).__module__,
+                    message=f"writing checkpoint {path.name} failed: {exc}",
+                    infrastructure=True,
+                    resumable=True,
+                )
+            finally:
+                self._writes.task_done()
+
+    def at_safe_point(self, phase: str) -> None:
+        """Between steps: honour a checkpoint request, then a cancel request."""
+        if self.checkpoint_requested.is_set():
+            self.checkpoint(phase, "requested")
+        if self.cancel_requested.is_set():
+            raise RunCancelled()
+
+    def finish(self, status: str) -> None:
+        self._writes.join()  # every snapshot on disk before the run says it ended
+        with self.cond:
+            self.status = status
+            self.finished = True
+            self.cond.notify_all()
+
+
+# ---- the optimizer -------------------------------------------------------------------
+class ResumableMIPROv2(MIPROv2):
+    """MIPROv2 whose three steps checkpoint and resume; same results as upstream."""
+
+    def __init__(
+        self, *, recorder: RunRecorder, recovery: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.recorder = recorder
+        self.recovery = dict(recovery or {})
+        self.diverged_after = int(self.recovery.get("diverged_after", 6))
+
+    def _bootstrap_fewshot_examples(
+        self, program: Any, trainset: list, seed: int, teacher: Any, **kwargs: Any
+    ) -> Any:
+        rec = self.recorder
+        if "rng_after_bootstrap" in rec.restored:
+            self.rng.setstate(rng_state_from_json(rec.restored["rng_after_bootstrap"]))
+            rec.emit(
+                "phase",
+                phase="bootstrap",
+                step=kwargs["num_fewshot_candidates"],
+                total=kwargs["num_fewshot_candidates"],
+                restored=True,
+            )
+            return demos_from_json(rec.restored["demo_candidates"])
+        rec.status = "bootstrapping"
+        rec.emit("phase", phase="bootstrap", step=0, total=kwargs["num_fewshot_candidates"])
+        with contextlib.redirect_stdout(_ProgressLines(sys.stdout, rec)):
+            demos = super()._bootstrap_fewshot_examples(program, trainset, seed, teacher, **kwargs)
+        rec.checkpoint(
+            "bootstrapped",
+            "step",
+            demo_candidates=demos_to_json(demos),
+            rng_after_bootstrap=rng_state_to_json(self.rng.getstate()),
+        )
+        rec.at_safe_point("bootstrapped")
+        return demos
+
+    def _propose_instructions(
+        self, program: Any, trainset: list, demo_candidates: Any, *args: Any, **kwargs: Any
+    ) -> dict[int, list[str]]:
+        rec = self.recorder
+        if "rng_after_propose" in rec.restored:
+            self.rng.setstate(rng_state_from_json(rec.restored["rng_after_propose"]))
+            candidates = instructions_from_json(rec.restored["instruction_candidates"])
+        else:
+            rec.status = "proposing"
+            rec.emit("phase", phase="propose", step=0, total=kwargs.get("num_instruct_candidates"))
+            candidates = super()._propose_instructions(
+                program, trainset, demo_candidates, *args, **kwargs
+            )
+            rec.checkpoint(
+                "proposed",
+                "step",
+                instruction_candidates={str(k): v for k, v in candidates.items()},
+                rng_after_propose=rng_state_to_json(self.rng.getstate()),
+            )
+        for predictor, texts in candidates.items():
+            for index, text in enumerate(texts):
+                rec.emit("candidate", predictor=predictor, index=index, instruction=text)
+        rec.at_safe_point("proposed")
+        return candidates
+
+    # The search, step for step as upstream, with a checkpoint after every trial.
+    def _optimize_prompt_parameters(
+        self,
+        program: Any,
+        instruction_candidates: dict[int, list[str]],
+        demo_candidates: Any,
+        evaluate: Any,
+        valset: list,
+        num_trials: int,
+        minibatch: bool,
+        minibatch_size: int,
+        minibatch_full_eval_steps: int,
+        seed: int,
+    ) -> Any:
+        optuna = _import_optuna()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        rec = self.recorder
+        rec.status = "searching"
+        extra_full_eval = 1 if num_trials % minibatch_full_eval_steps != 0 else 0
+        adjusted_num_trials = int(
+            (num_trials + num_trials // minibatch_full_eval_steps + 1 + extra_full_eval)
+            if minibatch
+            else num_trials
+        )
+        distributions = self._get_param_distributions(
+            program, instruction_candidates, demo_candidates
+        )
+        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+
+        def build(params: dict[str, int]) -> Any:
+            candidate = program.deepcopy()
+            for i, predictor in enumerate(candidate.predictors()):
+                text = instruction_candidates[i][params[f"{i}_predictor_instruction"]]
+                signature = dspy.teleprompt.utils.get_signature(predictor).with_instructions(text)
+                dspy.teleprompt.utils.set_signature(predictor, signature)
+                if demo_candidates:
+                    predictor.demos = demo_candidates[i][params[f"{i}_predictor_demos"]]
+            return candidate
+
+        search = rec.restored.get("search")
+        if search is None:
+            default_params = {
+                f"{i}_predictor_instruction": 0 for i in range(len(program.predictors()))
+            }
+            if demo_candidates:
+                default_params.update(
+                    {f"{i}_predictor_demos": 0 for i in range(len(program.predictors()))}
+                )
+            rec.emit("phase", phase="search", step=1, total=adjusted_num_trials)
+            default_score = self._evaluate(program, evaluate, valset, len(valset), None)
+            search = {
+                "trials": [{"params": default_params, "value": default_score, "kind": "full"}],
+                "objective_runs": 0,
+                # [key, [[score, params], ...]] pairs: a list, because the order of first
+                # appearance breaks ties when picking the next full evaluation (and
+                # checkpoints are canonical JSON, whose objects have sorted keys).
+                "param_scores": [],
+                "fully_evaluated": {},
+                "best_score": default_score,
+                "best_params": default_params,
+                "total_eval_calls": len(valset),
+                "minibatch_size": minibatch_size,
+                "recent_scores": [default_score],
+            }
+            self._trial_event(1, "full", default_params, default_score, search, default=True)
+            self._checkpoint_search(search, sampler)
+        else:
+            search.setdefault("minibatch_size", minibatch_size)
+            search.setdefault("recent_scores", [])
+            numpy_rng_from_json(sampler._rng.rng, search["sampler_rng"])
+            numpy_rng_from_json(sampler._random_sampler._rng.rng, search["random_sampler_rng"])
+            self.rng.setstate(rng_state_from_json(search["rng"]))
+        for trial in search["trials"]:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params=trial["params"], distributions=distributions, value=trial["value"]
+                )
+            )
+        param_score_dict: dict[str, list[tuple[float, Any, dict[str, int]]]] = defaultdict(list)
+        for key, entries in search["param_scores"]:
+            for score, params in entries:
+                param_score_dict[key].append((score, build(params), params))
+        fully_evaled = {
+            k: {"program": None, "score": s} for k, s in search["fully_evaluated"].items()
+        }
+
+        while search["objective_runs"] < num_trials:
+            rec.at_safe_point("search")
+            trial = study.ask()
+            trial_num = trial.number + 1
+            rec.emit("phase", phase="search", step=trial_num, total=adjusted_num_trials)
+            raw: dict[str, int] = {}
+            for i in range(len(program.predictors())):
+                raw[f"{i}_predictor_instruction"] = trial.suggest_categorical(
+                    f"{i}_predictor_instruction", range(len(instruction_candidates[i]))
+                )
+                if demo_candidates:
+                    raw[f"{i}_predictor_demos"] = trial.suggest_categorical(
+                        f"{i}_predictor_demos", range(len(demo_candidates[i]))
+                    )
+            candidate = build(raw)
+            batch_size = search["minibatch_size"] if minibatch else len(valset)
+            score = self._evaluate(
+                candidate, evaluate, valset, batch_size, search if minibatch else None
+            )
+            batch_size = search["minibatch_size"] if minibatch else len(valset)
+            search["total_eval_calls"] += batch_size
+            kind = "minibatch" if minibatch else "full"
+            if not minibatch and score > search["best_score"]:
+                search["best_score"], search["best_params"] = score, raw
+            chosen = []
+            for i in range(len(program.predictors())):
+                chosen.append(f"Predictor {i}: Instruction {raw[f'{i}_predictor_instruction']}")
+                if demo_candidates:
+                    chosen.append(f"Predictor {i}: Few-Shot Set {raw[f'{i}_predictor_demos']}")
+            key = ",".join(map(str, chosen))
+            param_score_dict[key].append((score, candidate, raw))
+            for pair in search["param_scores"]:
+                if pair[0] == key:
+                    pair[1].append([score, raw])
+                    break
+            else:
+                search["param_scores"].append([key, [[score, raw]]])
+            pending = {"params": raw, "value": score, "kind": kind}
+            self._trial_event(trial_num, kind, raw, score, search)
+            if minibatch and (
+                trial_num % (minibatch_full_eval_steps + 1) == 0
+                or trial_num == adjusted_num_trials - 1
+            ):
+                rec.emit("phase", phase="search", step=trial_num + 1, total=adjusted_num_trials)
+                _, mean, combo, params = get_program_with_highest_avg_score(
+                    param_score_dict, fully_evaled
+                )
+                full_score = self._evaluate(build(params), evaluate, valset, len(valset), None)
+                study.add_trial(
+                    optuna.trial.create_trial(
+                        params=params, distributions=distributions, value=full_score
+                    )
+                )
+                fully_evaled[combo] = {"program": None, "score": full_score}
+                search["fully_evaluated"][combo] = full_score
+                search["total_eval_calls"] += len(valset)
+                if full_score > search["best_score"]:
+                    search["best_score"], search["best_params"] = full_score, params
+                study.tell(trial, score)
+                search["trials"] += [
+                    pending,
+                    {"params": params, "value": full_score, "kind": "full"},
+                ]
+                self._trial_event(trial_num + 1, "full", params, full_score, search, mean=mean)
+            else:
+                study.tell(trial, score)
+                search["trials"].append(pending)
+            search["objective_runs"] += 1
+            search["recent_scores"] = [*search["recent_scores"], score][-self.diverged_after :]
+            self._checkpoint_search(search, sampler)
+            self._check_divergence(search)
+
+        best_program = build(search["best_params"])
+        if self.track_stats:
+            best_program.score = search["best_score"]
+            best_program.trial_logs = {}
+        return best_program
+
+    def _evaluate(
+        self,
+        candidate: Any,
+        evaluate: Any,
+        valset: list,
+        batch_size: int,
+        minibatch_state: dict[str, Any] | None,
+    ) -> float:
+        """Upstream's ``eval_candidate_program``, except that an infrastructure error is
+        never a score: the trial is abandoned, or, for an out-of-memory error, the GPU
+        cache is cleared and the evaluation retried (a minibatch with half the size)."""
+        rec = self.recorder
+        if rec.infrastructure_error is not None:  # met earlier (bootstrapping, say)
+            raise TrialAbandoned(rec.infrastructure_error)
+        retried_full = False
+        while True:
+            score = eval_candidate_program(batch_size, valset, candidate, evaluate, self.rng).score
+            error = rec.infrastructure_error
+            if error is None:
+                return score
+            if not (self.recovery.get("oom_retry", True) and is_out_of_memory(error)):
+                raise TrialAbandoned(error)
+            floor = int(self.recovery.get("min_batch_size", 2))
+            if minibatch_state is not None and batch_size // 2 >= floor:
+                new_size = batch_size // 2
+                minibatch_state["minibatch_size"] = new_size
+            elif minibatch_state is None and not retried_full:
+                new_size, retried_full = batch_size, True
+            else:
+                raise TrialAbandoned(error)
+            freed = clear_gpu_cache()
+            rec.emit(
+                "recovery",
+                action="halve_batch" if new_size < batch_size else "retry",
+                reason=f"{type(error).__name__}: {error}",
+                from_size=batch_size,
+                to_size=new_size,
+                gpu_cache=freed,
+            )
+            rec.infrastructure_error = None
+            batch_size = new_size
+
+    def _check_divergence(self, search: dict[str, Any]) -> None:
+        recent = search["recent_scores"]
+        if (
+            self.diverged_after
+            and len(recent) >= self.diverged_after
+            and all(not isinstance(s, int | float) or s != s or s <= 0 for s in recent)
+        ):
+            raise OptimizationDiverged(
+                f"the last {len(recent)} trials all scored 0 (or gave no valid score); "
+                "the search is going nowhere"
+            )
+
+    def _trial_event(
+        self,
+        number: int,
+        kind: str,
+        params: dict[str, int],
+        score: float,
+        search: dict[str, Any],
+        **extra: Any,
+    ) -> None:
+        self.recorder.emit(
+            "trial",
+            number=number,
+            eval=kind,
+            params=params,
+            score=score,
+            best_score=search["best_score"],
+            usage=self.recorder.usage_totals(),
+            **extra,
+        )
+
+    def _checkpoint_search(self, search: dict[str, Any], sampler: Any) -> None:
+        search["rng"] = rng_state_to_json(self.rng.getstate())
+        search["sampler_rng"] = numpy_rng_to_json(sampler._rng.rng)
+        search["random_sampler_rng"] = numpy_rng_to_json(sampler._random_sampler._rng.rng)
+        trials = len(search["trials"])
+        self.recorder.checkpoint(
+            "search", "trial", search=search, trials_done=trials, best_score=search["best_score"]
+        )
+
+
+# ---- rebuilding what the notebook sent ----------------------------------------------
+def build_lm(spec: dict[str, Any] | None, given: Any = None, *, trusted_only: bool) -> Any:
+    if given is not None:
+        return given
+    if spec is None:
+        return None
+    state = dict(spec["state"])
+    engine = state.get("engine")
+    custom = spec.get("class", "dspy.clients.lm.LM")
+    names = [custom] + ([engine.get("class", "")] if isinstance(engine, dict) else [])
+    if trusted_only and not all(n.startswith(TRUSTED_LM_MODULES) for n in names if n):
+        raise CheckpointError(
+            f"the checkpoint's LM uses {', '.join(names)}, which dspex will not import "
+            "from a checkpoint",
+            hint="pass task_lm= (and prompt_lm=) to MIPROv2.resume()",
+        )
+    module_name, _, class_name = custom.rpartition(".")
+    cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    return cls.load_state(state, allow_custom_lm_class=True)
+
+
+def build_program(spec: dict[str, Any], given: Any = None) -> Any:
+    if given is not None:
+        return given
+    kind = spec.get("kind")
+    if kind == "ref":
+        obj = resolve_callable(spec["ref"])
+        return obj if isinstance(obj, dspy.Module) else obj()
+    if kind == "dspy":
+        cls = resolve_callable(spec["class"])
+        program = cls(spec["signature"])
+        program.load_state(spec["state"])
+        return program
+    raise CheckpointError(
+        "this run's program was defined in the notebook and is not stored in checkpoints "
+        "(that would need pickle)",
+        hint="pass program= to MIPROv2.resume() (the same class and instance as before)",
+    )
+
+
+def build_metric(spec: dict[str, Any], given: Any = None) -> Any:
+    if given is not None:
+        return given
+    if spec.get("kind") == "ref":
+        return resolve_callable(spec["ref"])
+    raise CheckpointError(
+        "this run's metric was defined in the notebook and is not stored in checkpoints",
+        hint="pass metric= to MIPROv2.resume()",
+    )
+
+
+# ---- runs in this kernel -------------------------------------------------------------
+RUNS: dict[str, RunRecorder] = {}
+
+
+def _run_thread(
+    rec: RunRecorder,
+    spec: dict[str, Any],
+    data: dict[str, Any],
+    objects: dict[str, Any],
+    trusted_only: bool,
+) -> None:
+    try:
+        task_lm = build_lm(spec["task_lm"], objects.get("task_lm"), trusted_only=trusted_only)
+        prompt_lm = (
+            build_lm(spec.get("prompt_lm"), objects.get("prompt_lm"), trusted_only=trusted_only)
+            or task_lm
+        )
+        program = build_program(spec["program"], objects.get("program"))
+        metric = build_metric(spec["metric"], objects.get("metric"))
+        trainset = [example_from_json(e) for e in data["trainset"]]
+        valset = [example_from_json(e) for e in data["valset"]] if data.get("valset") else None
+        optimizer = ResumableMIPROv2(
+            recorder=rec,
+            recovery=spec.get("recovery"),
+            metric=metric,
+            prompt_model=prompt_lm,
+            task_model=task_lm,
+            **spec["optimizer"],
+        )
+        rec.emit("status", status="running", restored_phase=rec.restored.get("phase"))
+        with dspy.context(lm=task_lm, callbacks=[RunCallback(rec)], usage_tracker=rec.usage):
+            best = optimizer.compile(program, trainset=trainset, valset=valset, **spec["compile"])
+        state = best.dump_state()
+        search = rec.progress.get("search", {})
+        rec.result = {
+            "program_state": state,
+            "best_score": search.get("best_score"),
+            "best_params": search.get("best_params"),
+            "trials": search.get("trials", []),
+            "usage": rec.usage_totals(),
+        }
+        rec.checkpoint("done", "completed", wait=True, result=rec.result)
+        rec.emit(
+            "complete",
+            best_score=rec.result["best_score"],
+            usage=rec.result["usage"],
+            trials=len(rec.result["trials"]),
+        )
+        rec.finish("completed")
+    except RunCancelled:
+        path = rec.checkpoint(rec.progress.get("phase", "started"), "cancelled", wait=True)
+        rec.emit("cancelled", checkpoint=str(path))
+        rec.finish("cancelled")
+    except TrialAbandoned as exc:
+        error = exc.error
+        rec.emit(
+            "error",
+            error_type=type(error).__name__,
+            module=type(error).__module__,
+            message=str(error),
+            infrastructure=True,
+            resumable=True,
+            traceback=traceback.format_exception(type(error), error, error.__traceback__),
+        )
+        rec.finish("failed")
+    except BaseException as exc:
+        rec.emit(
+            "error",
+            error_type=type(exc).__name__,
+            module=type(exc).__module__,
+            message=str(exc),
+            infrastructure=is_infrastructure_error(exc),
+            resumable=True,
+            traceback=traceback.format_exception(type(exc), exc, exc.__traceback__),
+        )
+        rec.finish("failed")
+
+
+def _launch(
+    rec: RunRecorder,
+    spec: dict[str, Any],
+    data: dict[str, Any],
+    objects: dict[str, Any],
+    trusted_only: bool,
+) -> dict[str, Any]:
+    existing = RUNS.get(rec.run_id)
+    if existing is not None and not existing.finished:
+        raise RuntimeError(f"run {rec.run_id} is already running in this kernel")
+    RUNS[rec.run_id] = rec
+    thread = threading.Thread(
+        target=_run_thread,
+        args=(rec, spec, data, objects, trusted_only),
+        name=f"dspex-mipro-{rec.run_id}",
+        daemon=True,
+    )
+    thread.start()
+    return {
+        "run_id": rec.run_id,
+        "checkpoint_dir": str(rec.folder.path),
+        "restored_phase": rec.restored.get("phase"),
+    }
+
+
+def start_run(
+    spec: dict[str, Any], data: dict[str, Any], objects: dict[str, Any]
+) -> dict[str, Any]:
+    """Start a new run on a thread of this kernel; returns at once."""
+    folder = CheckpointDir(spec["checkpoint_dir"])
+    folder.create()
+    if folder.run_file.exists():
+        raise CheckpointError(
+            f"{folder.path} already holds a run",
+            hint="resume it with MIPROv2.resume(dir), or choose an empty checkpoint_dir",
+        )
+    write_json_atomic(folder.run_file, scrub_secrets(spec))
+    write_json_atomic(folder.data_file, data)
+    rec = RunRecorder(spec["run_id"], folder, None)
+    return _launch(rec, spec, data, objects, trusted_only=False)
+
+
+def resume_run(
+    checkpoint_dir: str, objects: dict[str, Any], snapshot: str | None = None
+) -> dict[str, Any]:
+    """Resume from the newest (or the named) snapshot of a run's folder."""
+    folder = CheckpointDir(checkpoint_dir)
+    spec = read_json_checked(folder.run_file)
+    data = read_json_checked(folder.data_file)
+    if snapshot:
+        path: Path | None = folder.path / snapshot
+        if Path(snapshot).name != snapshot or not path.is_file():  # type: ignore[union-attr]
+            raise CheckpointError(f"no snapshot named {snapshot!r} in {folder.path}")
+    else:
+        # Killed before the first snapshot (during bootstrapping): start over, same run.
+        path = folder.latest() if folder.snapshots() else None
+    progress = read_json_checked(path) if path is not None else {}
+    if progress.get("phase") == "done":
+        raise CheckpointError(f"run {spec['run_id']} already completed", hint="use its result")
+    rec = RunRecorder(spec["run_id"], folder, progress)
+    rec.emit(
+        "resumed",
+        snapshot=path.name if path else None,
+        phase=progress.get("phase"),
+        trial=progress.get("trials_done", 0),
+    )
+    return _launch(rec, spec, data, objects, trusted_only=True)
+
+
+def _run(run_id: str) -> RunRecorder:
+    rec = RUNS.get(run_id)
+    if rec is None:
+        raise LookupError(f"no run {run_id!r} in this kernel")
+    return rec
+
+
+def events(run_id: str, start: int = 0):
+    """Every event of the run from ``start``, as they happen, until it finishes."""
+    rec = _run(run_id)
+    index = start
+    while True:
+        with rec.cond:
+            rec.cond.wait_for(lambda i=index: len(rec.events) > i or rec.finished, timeout=1.0)
+            batch = rec.events[index:]
+            done = rec.finished
+        yield from batch
+        index += len(batch)
+        if done and index >= len(rec.events):
+            return
+
+
+def request_checkpoint(run_id: str) -> dict[str, Any]:
+    rec = _run(run_id)
+    if rec.finished:
+        raise RuntimeError(f"run {run_id} has finished ({rec.status}); nothing to checkpoint")
+    with rec.cond:
+        rec.checkpoint_requests += 1
+        rec.checkpoint_requested.set()
+        return {"request": rec.checkpoint_requests}
+
+
+def cancel(run_id: str) -> dict[str, Any]:
+    rec = _run(run_id)
+    rec.cancel_requested.set()
+    return {"requested": not rec.finished}
+
+
+def status(run_id: str) -> dict[str, Any]:
+    rec = _run(run_id)
+    return {
+        "status": rec.status,
+        "finished": rec.finished,
+        "events": len(rec.events),
+        "usage": rec.usage_totals(),
+    }
+
+
+def result(run_id: str) -> dict[str, Any]:
+    rec = _run(run_id)
+    if rec.result is None:
+        raise RuntimeError(f"run {run_id} has no result ({rec.status})")
+    return rec.result

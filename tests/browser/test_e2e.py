@@ -1,0 +1,119 @@
+"""End to end in a real browser: the real magics, a real pool, an offline MIPROv2 run.
+
+A notebook loads the extension, starts a pool, starts MIPROv2 on a SIMULATED LM (offline,
+dspex_jupyter.testing), and the test watches the run's dashboard (trial count, score chart)
+and the lab sidebar, presses Checkpoint in the sidebar and in the dashboard, then Cancel,
+and checks the outcome everywhere. It saves docs/screenshots/dashboard.png and sidebar.png.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from playwright.sync_api import expect
+
+from .lab import LabPage
+
+pytestmark = pytest.mark.browser
+
+POOL = "mipro"
+TRIALS = 40  # far more than the test waits for: it cancels the run
+
+CELLS = [
+    "%load_ext dspex_jupyter",
+    f"%dspex start {POOL} --size 2",
+    # A SIMULATED LM: offline, deterministic, slow enough (latency) to watch.
+    "from dspex_jupyter.testing import arithmetic\n"
+    "task = arithmetic()\n"
+    "program, metric = task.make_program(), task.metric\n"
+    "trainset, valset = task.trainset, task.valset\n"
+    "lm = task.lm(latency_s=0.5)\n"
+    "COMPILE = dict(minibatch_size=10, max_bootstrapped_demos=2, max_labeled_demos=2,\n"
+    "               program_aware_proposer=False, data_aware_proposer=False,\n"
+    "               tip_aware_proposer=False, fewshot_aware_proposer=False)",
+    f"%dspex optimize --pool {POOL} --program program --trainset trainset --valset valset "
+    f"--metric metric --lm lm --num-candidates 4 --num-trials {TRIALS} --seed 0 "
+    "--compile-args COMPILE --name run",
+    f"%dspex stop {POOL}",
+]
+
+WAIT = 120_000  # ms: a run's bootstrap and first trials on 2 busy cores
+
+
+CHART_MARKS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell:nth-child(4) svg [class^='trial']"
+
+
+def wait_chart_points(lab: LabPage, at_least: int) -> int:
+    """Wait until the dashboard's score chart has `at_least` trial marks; return how many."""
+    handle = lab.page.wait_for_function(
+        "([sel, n]) => { const k = document.querySelectorAll(sel).length; return k >= n && k; }",
+        arg=[CHART_MARKS, at_least],
+        timeout=WAIT,
+    )
+    return int(handle.json_value())
+
+
+def test_pool_run_dashboard_checkpoint_cancel_and_sidebar(lab: LabPage):
+    name = lab.server.write_notebook("optimize.ipynb", CELLS)
+    lab.open_lab()
+    lab.open_notebook(name)
+    sidebar = lab.open_sidebar()
+    expect(sidebar.locator(".dspex-NotLoaded")).to_be_visible()
+
+    lab.run_cell(0)
+    expect(sidebar.locator(".dspex-Conn")).to_have_text("connected")
+    expect(sidebar.locator(".dspex-Pools .dspex-Empty")).to_be_visible()
+
+    assert f"pool '{POOL}': 2 kernel(s) ready" in lab.run_cell(1, timeout=WAIT)
+    pool = sidebar.locator(f".dspex-Pool[data-pool='{POOL}']")
+    expect(pool.locator(".dspex-Kernel")).to_have_count(2)
+    expect(pool.locator(".dspex-Badge")).to_have_text("healthy")
+
+    lab.run_cell(2, timeout=WAIT)
+    out = lab.run_cell(3, timeout=WAIT)
+    assert "started in pool 'mipro', stored as `run`" in out, out
+
+    # The dashboard: trial count and chart grow while the run runs.
+    dashboard = lab.cell_output(3)
+    expect(dashboard).to_contain_text("MIPROv2 run")
+    # "trial k/N": N counts the minibatch trials and the full evaluations among them.
+    trial_label = dashboard.get_by_text(re.compile(r"^trial \d+/\d+$"))
+    expect(trial_label).to_have_text(re.compile(r"^trial ([2-9]|\d\d)/\d\d$"), timeout=WAIT)
+    # The chart (inline SVG, one mark per trial) grows too.
+    first = wait_chart_points(lab, 2)
+    wait_chart_points(lab, first + 1)
+
+    # The sidebar lists the pool, its session and the run, live.
+    run = sidebar.locator(".dspex-Run")
+    expect(run).to_have_count(1)
+    expect(run).to_have_attribute("data-status", "running")
+    expect(run.locator(".dspex-RunTrials")).to_have_text(re.compile(r"trials ([2-9]|\d\d)"))
+    expect(pool.locator(".dspex-Session")).to_have_count(1)
+    expect(lab.page.locator("#dspex-status")).to_have_text(re.compile(r"DSPex: 1 session · GPU"))
+
+    # Checkpoint from the sidebar goes through the kernel's bridge to the run.
+    run.get_by_role("button", name="Checkpoint").click()
+    expect(sidebar.locator(".dspex-Result")).to_have_text(
+        re.compile(r"Checkpoint: done — checkpoint written: ckpt-"), timeout=WAIT
+    )
+    wait_chart_points(lab, 5)
+    lab.screenshot(lab.page, "sidebar.png")
+
+    # Checkpoint, then Cancel, in the dashboard; the status line says what happened.
+    dashboard.get_by_role("button", name=re.compile("Checkpoint")).click()
+    expect(dashboard).to_contain_text(re.compile(r"checkpoint written: ckpt-"), timeout=WAIT)
+    dashboard.get_by_role("button", name="Cancel").click()
+    expect(dashboard).to_contain_text(
+        re.compile(r"cancelled at trial \d+; resumable checkpoint: ckpt-\d+\.json"), timeout=WAIT
+    )
+    expect(dashboard.get_by_role("button", name="Resume")).to_be_enabled()
+    expect(dashboard.get_by_role("button", name="Cancel")).to_be_disabled()
+    lab.screenshot(dashboard, "dashboard.png")
+
+    # The sidebar follows: the run is cancelled and its buttons are off.
+    expect(run).to_have_attribute("data-status", "cancelled", timeout=WAIT)
+    expect(run.get_by_role("button", name="Cancel")).to_be_disabled()
+
+    assert f"pool '{POOL}' stopped" in lab.run_cell(4, timeout=WAIT)
+    expect(pool).to_have_count(0)

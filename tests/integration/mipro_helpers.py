@@ -1,0 +1,42 @@
+"""Programs and settings for MIPROv2 tests, importable inside pool kernels."""
+
+from __future__ import annotations
+
+import dspy
+
+from dspex_jupyter.testing import arithmetic
+
+COMPILE = {
+    "num_trials": 8,
+    "minibatch_size": 10,
+    "max_bootstrapped_demos": 2,
+    "max_labeled_demos": 2,
+    "program_aware_proposer": False,
+    "data_aware_proposer": False,
+    "tip_aware_proposer": False,
+    "fewshot_aware_proposer": False,
+}
+OPTIONS = {"auto": None, "num_candidates": 4, "seed": 0}
+
+
+def task():
+    return arithmetic()
+
+
+class OomOnNewInstructions(dspy.Module):
+    """Runs out of (GPU) memory as soon as a proposed instruction is tried: the error is
+    torch's own OutOfMemoryError, raised on the CPU as a stand-in for CUDA's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.ChainOfThought("question -> answer")
+        self.original = self.predict.predict.signature.instructions
+
+    def forward(self, question: str):
+        if self.predict.predict.signature.instructions != self.original:
+            import torch
+
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected)"
+            )
+        return self.predict(question=question)
