@@ -54,10 +54,10 @@ def scrub_secrets(value: Any) -> Any:
     return value
 
 
-def encode_document(body: Any) -> bytes:
+def encode_document(body: Any, fmt: str = FORMAT) -> bytes:
     """The file's bytes: format, version and checksum wrapped around ``body``."""
     data = canonical(body)
-    head = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest()}
+    head = {"format": fmt, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest()}
     # The body is serialized once: the document is the header's JSON with it spliced in.
     return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":' + data + b"}"
 
@@ -73,11 +73,11 @@ def write_bytes_atomic(path: Path, document: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, body: Any) -> None:
-    write_bytes_atomic(path, encode_document(body))
+def write_json_atomic(path: Path, body: Any, fmt: str = FORMAT) -> None:
+    write_bytes_atomic(path, encode_document(body, fmt))
 
 
-def read_json_checked(path: Path) -> Any:
+def read_json_checked(path: Path, fmt: str = FORMAT) -> Any:
     """The body of a checkpoint file, after checking its format, version and checksum."""
     try:
         raw = path.read_bytes()
@@ -90,11 +90,12 @@ def read_json_checked(path: Path) -> Any:
             f"checkpoint file {path} is not valid JSON (truncated or corrupted): {exc}",
             hint="resume from an earlier checkpoint of the run (run.checkpoints())",
         ) from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    what = "MIPROv2 checkpoint" if fmt == FORMAT else f"{fmt} file"
+    if not isinstance(document, dict) or document.get("format") != fmt:
         raise CheckpointError(
-            f"{path} is not a dspex MIPROv2 checkpoint (format {document.get('format')!r})"
+            f"{path} is not a dspex {what} (format {document.get('format')!r})"
             if isinstance(document, dict)
-            else f"{path} is not a dspex MIPROv2 checkpoint",
+            else f"{path} is not a dspex {what}",
             hint="point resume() at a folder written by dspex's MIPROv2",
         )
     if document.get("version") != VERSION:

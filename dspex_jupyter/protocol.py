@@ -3,14 +3,16 @@
 Both sides import this module, so it must stay light (standard library only). Every
 operation is a comm message on the ``dspex`` comm target:
 
-request  ``{"v": 1, "id": "<request id>", "op": "<op name>", "args": {...}, "session": sid|None}``
+request  ``{"v": 2, "id": "<request id>", "op": "<op name>", "args": {...}, "session": sid|None}``
          (``"noreply": true`` asks for no reply unless the op fails: acknowledgements)
-reply    ``{"v": 1, "id": ..., "ok": true, "result": <value>}``
-error    ``{"v": 1, "id": ..., "ok": false, "error": {"kind", "type", "module", "message",
+reply    ``{"v": 2, "id": ..., "ok": true, "result": <value>}``
+error    ``{"v": 2, "id": ..., "ok": false, "error": {"kind", "type", "module", "message",
          "traceback"}}``
 
 Values that are not plain JSON travel as pickled binary buffers of the same message (see
 ``encode_value``): messages are HMAC-signed by jupyter_client and never written to disk.
+Tables, arrays and long bytes take faster tiers (raw or Arrow IPC files in a private
+shared-memory folder): ``exchange.py`` describes them and builds on these two encodings.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# 2: values in exchange tiers (args/seq/dict/ndarray/arrow descriptors), configure_exchange.
+PROTOCOL_VERSION = 2
 COMM_TARGET = "dspex"
 
 # Error kinds that are about the message itself, not about the user's code.

@@ -20,7 +20,9 @@ from typing import Any
 from ..exchange import ExchangeConfig
 from .errors import InvalidSpec, PoolNotFound
 from .exchange_dirs import ExchangeArea
+from .gpu import gpu_memory, kernel_refs
 from .launch import resolve_source
+from .lifecycle import model_cache_sizes, restore, save_manifest
 from .loop import LoopThread
 from .pool import Pool
 from .session import Session
@@ -60,6 +62,7 @@ class PoolManager:
         self.pools: dict[str, Pool] = {}
         self._runner = LoopThread(name="dspex-manager")
         self._closed = False
+        self.restored: dict[str, Any] = {}
         _live_managers.add(self)
 
     @classmethod
@@ -115,8 +118,11 @@ class PoolManager:
 
     async def _health(self) -> dict[str, Any]:
         pools = {name: pool._health() for name, pool in self.pools.items()}
+        for name, pool in self.pools.items():
+            pools[name]["model_cache"] = model_cache_sizes(pool._env)
         return {
             "pools": pools,
+            "gpu": gpu_memory(kernel_refs(pools.values())),
             "kernels": sum(len(p["kernels"]) for p in pools.values()),
             "sessions": sum(len(p["sessions"]) for p in pools.values()),
             "runtime_dir": str(self.runtime_dir),
@@ -178,10 +184,15 @@ class PoolManager:
     async def ahealth(self) -> dict[str, Any]:
         return await self._runner.wrap(self._health())
 
-    def shutdown(self, *, now: bool = False) -> None:
-        """Stop every kernel and remove connection files, sockets and the runtime folder."""
+    def shutdown(self, *, now: bool = False, manifest: str | Path | None = None) -> None:
+        """Stop every kernel and remove connection files, sockets and the runtime folder.
+
+        With ``manifest``, first checkpoint every active run and session and write what is
+        needed to bring them back with ``PoolManager.restore(manifest)``."""
         if self._closed:
             return
+        if manifest is not None:
+            save_manifest(self, Path(manifest))
         self._closed = True
         try:
             if self._runner.running:
@@ -197,6 +208,26 @@ class PoolManager:
             return
         await self._runner.wrap(self._shutdown(now))
         self.shutdown(now=now)
+
+    @classmethod
+    def restore(
+        cls,
+        manifest: str | Path,
+        *,
+        objects: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> PoolManager:
+        """A new manager running what a graceful shutdown recorded: its pools, sessions
+        (with their state) and runs (resumed; ``objects`` maps a run id to the
+        program/metric/LMs it needs when those were notebook objects). What came back is
+        in ``manager.restored``."""
+        manager = cls(**kwargs)
+        try:
+            manager.restored = restore(manager, manifest, objects or {})
+        except BaseException:
+            manager.shutdown(now=True)
+            raise
+        return manager
 
     def __enter__(self) -> PoolManager:
         if self._specs:

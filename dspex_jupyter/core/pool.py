@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import os
 import time
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 INTERRUPT_GRACE_S = 5.0
 # Replacement of a kernel that fails to start backs off up to this delay.
 MAX_RESTART_BACKOFF_S = 30.0
+# This many deaths in a row of kernels younger than this that served nothing: a crash loop.
+CRASH_LOOP_DEATHS = 3
+CRASH_LOOP_UPTIME_S = 10.0
+# How often kernels' memory is compared with their pool's max_memory.
+MEMORY_CHECK_INTERVAL_S = 0.2
+logger = logging.getLogger("dspex_jupyter.pool")
 
 
 def encode_function(func: Any, buffers: list[bytes]) -> dict[str, Any]:
@@ -97,12 +104,42 @@ class Pool:
         self._full = asyncio.Event()
         self.deaths = 0
         self.last_error = ""
+        self.warnings: list[str] = []
+        # Crash-loop detection: kernels that die young without serving anything.
+        self._early_deaths = 0
+        self.backoff_until = 0.0
 
     def __repr__(self) -> str:
         return f"<Pool {self.name!r} size={self.spec.size} source={self.source.description!r}>"
 
     # ---- starting and supervising ---------------------------------------------------
+    async def _watch_memory(self) -> None:
+        """Stop a kernel whose process tree passes ``max_memory`` (its caller gets
+        MemoryLimitExceeded; the pool replaces it); warn once at 90 %."""
+        limit = self.spec.max_memory_bytes
+        assert limit is not None
+        warned: set[str] = set()
+        while not self._closed:
+            for worker in list(self._workers):
+                if worker.state in ("starting", "dead", "stopping") or worker.memory_exceeded:
+                    continue
+                rss = process_tree_rss(worker.pid)
+                if rss > limit:
+                    worker.memory_exceeded = (rss, limit)
+                    worker.kill()
+                elif rss > 0.9 * limit and worker.id not in warned:
+                    warned.add(worker.id)
+                    message = (
+                        f"kernel {worker.id} of pool {self.name!r} uses {format_bytes(rss)}, "
+                        f"over 90% of its max_memory {format_bytes(limit)}"
+                    )
+                    self.warnings.append(message)
+                    logger.warning(message)
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)  # poll: RSS has no event to wait on
+
     async def _start(self, timeout: float) -> None:
+        if self.spec.max_memory_bytes is not None:
+            self._spawn(self._watch_memory())
         results = await asyncio.gather(
             *(self._start_worker(timeout) for _ in range(self.spec.size)), return_exceptions=True
         )
@@ -212,14 +249,41 @@ class Pool:
         session = self._sessions.get(worker.session or "")
         if session is not None:
             session._lost = True
+        young = time.time() - worker.started_at < CRASH_LOOP_UPTIME_S
+        self._early_deaths = self._early_deaths + 1 if young and not worker.calls_served else 0
+        if worker.memory_exceeded:
+            rss, limit = worker.memory_exceeded
+            self.last_error = (
+                f"kernel {worker.id} passed max_memory ({format_bytes(rss)} > "
+                f"{format_bytes(limit)}) and was replaced"
+            )
         worker.mark_dead(code)
         self._forget(worker)
         self._spawn(worker.shutdown(now=True))  # removes its connection file and sockets
         if not self._closed:
             self._spawn(self._replace())
 
+    def _crash_loop_delay(self) -> float:
+        """Kernels that keep dying right after start are restarted ever more slowly."""
+        if self._early_deaths < CRASH_LOOP_DEATHS:
+            return 0.0
+        delay = min(2.0 ** (self._early_deaths - CRASH_LOOP_DEATHS), MAX_RESTART_BACKOFF_S)
+        self.last_error = (
+            f"kernels of pool {self.name!r} keep dying ({self._early_deaths} in a row, each "
+            f"within {CRASH_LOOP_UPTIME_S:g} s of starting, serving nothing); next restart "
+            f"in {delay:g} s"
+        )
+        if self.last_error not in self.warnings:
+            self.warnings.append(self.last_error)
+        logger.warning(self.last_error)
+        return delay
+
     async def _replace(self) -> None:
         """Keep the pool at its size; back off when replacements keep failing."""
+        delay = self._crash_loop_delay()
+        if delay:
+            self.backoff_until = time.time() + delay
+            await asyncio.sleep(delay)  # back-off: a crash loop must not spin
         delay = 0.5
         while not self._closed:
             try:
@@ -483,6 +547,8 @@ class Pool:
             "waiting": sum(1 for w in self._waiters if not w.done()),
             "deaths": self.deaths,
             "last_error": self.last_error,
+            "warnings": list(self.warnings),
+            "backoff_until": self.backoff_until if self.backoff_until > time.time() else None,
             "closed": self._closed,
         }
 

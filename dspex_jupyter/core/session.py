@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .. import exchange, protocol
+from .. import exchange
 from .errors import CallTimeout, RemoteError, SessionClosed, classify
 from .streams import Stream, StreamChannel
 
@@ -119,6 +119,7 @@ class Session:
         self._init = init
         self._released = False
         self._lost = False
+        self.owner: Any = None  # what holds this session (an optimization run), if anything
 
     def __repr__(self) -> str:
         state = "released" if self._released else "lost" if self._lost else "active"
@@ -188,20 +189,22 @@ class Session:
         from .pool import encode_function
 
         await self._ready()
-        buffers: list[bytes] = []
+        out = exchange.Outgoing(self._worker.exchange)
         request = {
             "stream_id": stream_id,
-            "func": encode_function(func, buffers),
-            "payload": protocol.encode_value([list(args), kwargs], buffers),
+            "func": encode_function(func, out.buffers),
+            "payload": out.encode_call(args, kwargs),
             "window": window,
             "batch_items": batch_items,
         }
         channel = self._worker.open_stream(stream_id)
         try:
-            await self._worker.request("stream_open", request, session=self.id, buffers=buffers)
+            await self._worker.request("stream_open", request, session=self.id, buffers=out.buffers)
         except BaseException:
             self._worker.forget_stream(stream_id)
             raise
+        finally:
+            out.discard()  # files the kernel took are gone already; the rest go now
         return channel
 
     async def _execute(

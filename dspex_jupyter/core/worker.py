@@ -23,6 +23,7 @@ from .. import protocol
 from ..exchange import MESSAGE_ONLY, ExchangeConfig
 from .errors import (
     KernelDied,
+    MemoryLimitExceeded,
     ProtocolMismatch,
     RemoteError,
     RuntimeNotInstalled,
@@ -31,6 +32,7 @@ from .errors import (
     classify,
 )
 from .launch import KernelSource
+from .spec import format_bytes
 from .streams import StreamChannel
 
 BOOTSTRAP = (
@@ -67,6 +69,7 @@ class KernelWorker:
         self.calls_served = 0
         self.started_at = 0.0
         self.exit_code: int | None = None
+        self.memory_exceeded: tuple[int, int] | None = None  # (rss, limit) when stopped for it
         self._env = env
         self._runtime_dir = runtime_dir
         self._km: AsyncKernelManager | None = None
@@ -173,6 +176,14 @@ class KernelWorker:
         self._fail_all(self._death_error)
 
     def _death_error(self) -> KernelDied:
+        if self.memory_exceeded is not None:
+            rss, limit = self.memory_exceeded
+            lost = f"; session {self.session!r} and its state are lost" if self.session else ""
+            return MemoryLimitExceeded(
+                f"kernel {self.id} of pool {self.pool!r} used {format_bytes(rss)}, over the "
+                f"pool's max_memory of {format_bytes(limit)}: it was stopped and replaced{lost}",
+                where=self.where(),
+            )
         signal_note = f" (killed by signal {-self.exit_code})" if (self.exit_code or 0) < 0 else ""
         if self.session is not None:
             return SessionKernelLost(

@@ -24,7 +24,7 @@ _LAZY = {
     "GpuMemoryWidget": "dspex_jupyter.notebook.gpu_widget",
     "RunProgress": "dspex_jupyter.notebook.run_progress",
     "snapshot": "dspex_jupyter.notebook.snapshot",
-    "gpu_memory": "dspex_jupyter.notebook.gpu",
+    "gpu_memory": "dspex_jupyter.core.gpu",
     "LabBridge": "dspex_jupyter.notebook.lab_bridge",
     "DspexMagics": "dspex_jupyter.notebook.magics",
     "load_ipython_extension": "dspex_jupyter.notebook.magics",

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from ..core.gpu import gpu_memory, kernel_memory_rows, kernel_refs
 from ..core.spec import format_bytes
-from .gpu import gpu_memory, kernel_memory_rows, kernel_refs
 from .html_render import html_table, usage_bar
 from .snapshot import pool_health
 from .timers import PeriodicRefresh

@@ -64,8 +64,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from ..core.gpu import gpu_memory, kernel_refs
 from . import registry
-from .gpu import gpu_memory, kernel_refs
 from .html_render import first_line
 
 if TYPE_CHECKING:

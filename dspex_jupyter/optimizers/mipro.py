@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointDir, scrub_secrets
+from ..core import lifecycle
 from ..core.errors import DspexError, KernelDied, PoolNotFound, RemoteError, classify
 from ..core.pool import Pool
 from ..core.recovery import RecoveryPolicy
@@ -184,6 +185,7 @@ class OptimizationRun:
         recovery: RecoveryPolicy | None = None,
     ) -> None:
         self.session = session
+        session.owner = self  # restored with the run, not as a plain session
         self.pool = session._pool
         self.recovery = recovery or RecoveryPolicy()
         self.auto_resumes = 0
@@ -278,6 +280,7 @@ class OptimizationRun:
             await session._release()
             raise
         self.session = session
+        session.owner = self
         self.status = "running"
         return True
 
@@ -542,3 +545,36 @@ def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
         f"no running pool named {pool!r}" if not found else f"several managers run a pool {pool!r}",
         hint="start it with PoolManager(...).start(), or pass manager= or the Pool itself",
     )
+
+
+# ---- graceful shutdown and restore (see core/lifecycle.py) ----------------------------
+def _save_runs(manager: Any) -> list[dict[str, Any]]:
+    """Checkpoint and stop every live run on this manager's pools; say where each is."""
+    entries = []
+    for run in live_runs():
+        if (
+            run.done
+            or run.pool.name not in manager.pools
+            or manager.pools[run.pool.name] is not run.pool
+        ):
+            continue
+        run.checkpoint()
+        path = run.cancel()
+        entries.append(
+            {
+                "run_id": run.run_id,
+                "pool": run.pool.name,
+                "checkpoint_dir": str(run.checkpoint_dir),
+                "snapshot": path.name if path else None,
+            }
+        )
+        run.close()
+    return entries
+
+
+def _restore_run(manager: Any, entry: dict[str, Any], objects: dict[str, Any]) -> OptimizationRun:
+    given = objects.get(entry["run_id"], {})
+    return MIPROv2.resume(entry["checkpoint_dir"], manager.pools[entry["pool"]], **given)
+
+
+lifecycle.register("mipro_run", _save_runs, _restore_run)

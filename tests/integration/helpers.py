@@ -41,3 +41,21 @@ def block_forever() -> None:
 
 def echo(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
     return args, kwargs
+
+
+HELD: list[bytearray] = []
+
+
+def hog(megabytes: int) -> int:
+    """Allocate and keep ``megabytes`` of memory (pages touched, so they count in RSS)."""
+    block = bytearray(megabytes * 1_000_000)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    HELD.append(block)
+    return len(block)
+
+
+def hog_and_wait(megabytes: int) -> None:
+    """Allocate, then keep working (block) as a memory-hungry step would."""
+    hog(megabytes)
+    threading.Event().wait()

@@ -17,6 +17,7 @@ from dspex_jupyter import PoolManager, PoolSpec, protocol
 from dspex_jupyter.core.errors import RemoteError
 
 pytestmark = pytest.mark.integration
+V = protocol.PROTOCOL_VERSION
 
 HOST = textwrap.dedent(
     """
@@ -72,15 +73,15 @@ def _raw(pool, data, buffers=None):
 @pytest.mark.parametrize(
     ("data", "kind", "fragment"),
     [
-        ({"v": 1, "id": "a1", "op": "no_such_op", "args": {}}, "unknown_op", "unknown op"),
+        ({"v": V, "id": "a1", "op": "no_such_op", "args": {}}, "unknown_op", "unknown op"),
         ({"v": 99, "id": "a2", "op": "hello", "args": {}}, "version", "protocol version 99"),
-        ({"v": 1, "id": "a3", "op": "hello", "args": []}, "protocol", "'args' must be"),
-        ({"v": 1, "id": "a4", "op": "", "args": {}}, "protocol", "'op' must be"),
-        ({"v": 1, "id": "a5", "op": "hello", "args": {"x": 1}}, "protocol", "unexpected keyword"),
-        ({"v": 1, "id": "a6", "op": "call", "args": {}}, "protocol", "missing"),
+        ({"v": V, "id": "a3", "op": "hello", "args": []}, "protocol", "'args' must be"),
+        ({"v": V, "id": "a4", "op": "", "args": {}}, "protocol", "'op' must be"),
+        ({"v": V, "id": "a5", "op": "hello", "args": {"x": 1}}, "protocol", "unexpected keyword"),
+        ({"v": V, "id": "a6", "op": "call", "args": {}}, "protocol", "missing"),
         (
             {
-                "v": 1,
+                "v": V,
                 "id": "a7",
                 "op": "call",
                 "args": {"func": {"enc": "pickle", "buf": 5}, "payload": None},
@@ -88,7 +89,7 @@ def _raw(pool, data, buffers=None):
             "protocol",
             "buffer",
         ),
-        ({"v": 1, "id": "a8", "op": "warmup", "args": {"modules": "json"}}, "remote", "list"),
+        ({"v": V, "id": "a8", "op": "warmup", "args": {"modules": "json"}}, "remote", "list"),
     ],
 )
 def test_malformed_requests_get_error_replies(pool, data, kind, fragment):

@@ -11,7 +11,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-from dspex_jupyter.notebook.gpu import gpu_memory, kernel_memory_rows, kernel_refs
+from dspex_jupyter.core.gpu import gpu_memory, kernel_memory_rows, kernel_refs
 from dspex_jupyter.notebook.gpu_widget import GpuMemoryWidget
 from tests.unit.test_notebook_fakes import FakeManager, FakeNvml
 

