@@ -32,18 +32,11 @@ import dspy  # noqa: E402
 
 from dspex_jupyter import MIPROv2, PoolManager, PoolSpec  # noqa: E402
 from dspex_jupyter.testing import arithmetic  # noqa: E402
+from dspex_jupyter.testing.mipro_settings import quick_settings  # noqa: E402
 
-COMPILE = {
-    "num_trials": 10,
-    "minibatch_size": 10,
-    "max_bootstrapped_demos": 2,
-    "max_labeled_demos": 2,
-    "program_aware_proposer": False,
-    "data_aware_proposer": False,
-    "tip_aware_proposer": False,
-    "fewshot_aware_proposer": False,
-}
-OPTIONS = {"auto": None, "num_candidates": 4, "seed": 0, "num_threads": 1}
+OPTIONS, COMPILE = quick_settings()
+OPTIONS["num_threads"] = 1
+COMPILE["num_trials"] = 10
 
 
 def in_process(task, lm) -> float:

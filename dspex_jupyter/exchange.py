@@ -53,7 +53,6 @@ import importlib.util
 import json
 import mmap
 import os
-import pickle
 import re
 import stat
 import sys
@@ -287,9 +286,9 @@ def _encode_pickle(value: Any, buffers: list[Any]) -> dict[str, Any]:
 
     cloudpickle ships notebook-defined functions and classes by value: trusted code of
     the same user, the same contract as ipyparallel's."""
-    import cloudpickle
+    from .protocol import pickle_value
 
-    buffers.append(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+    buffers.append(pickle_value(value))
     return {"enc": "pickle", "buf": len(buffers) - 1}
 
 

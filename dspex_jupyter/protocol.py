@@ -179,10 +179,26 @@ def encode_value(value: Any, buffers: list[bytes]) -> dict[str, Any]:
     """
     if is_json_native(value):
         return {"enc": "json", "value": value}
+    buffers.append(pickle_value(value))
+    return {"enc": "pickle", "buf": len(buffers) - 1}
+
+
+class SerializationError(TypeError):
+    """A value that cannot travel to or from a kernel."""
+
+
+def pickle_value(value: Any) -> bytes:
+    """cloudpickle, with an error that says what to send instead."""
     import cloudpickle
 
-    buffers.append(cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-    return {"enc": "pickle", "buf": len(buffers) - 1}
+    try:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"a value cannot be sent to or from a kernel ({exc}). Send data "
+            "(JSON values, bytes, arrays, tables, dspy.Examples), or refer to objects by "
+            "import path ('package.module:name') and build them in the kernel"
+        ) from exc
 
 
 def decode_value(desc: Any, buffers: list[Any]) -> Any:

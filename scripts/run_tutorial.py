@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 DEFAULT_HOME = REPO / ".dspex-tutorials"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -127,7 +129,8 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
     except CellExecutionError as exc:
         status = 1
         print(file=sys.stderr)
-        say(f"a cell failed: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}")
+        lines = ANSI.sub("", str(exc)).strip().splitlines()
+        say(f"a cell failed: {lines[-1] if lines else type(exc).__name__}")
     except KeyboardInterrupt:
         status = 1
         say("interrupted")
@@ -154,34 +157,26 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
 
 
 def setup_environments(names: list[str]) -> int:
-    """Create the tutorials' environments that do not exist yet (each one pip call)."""
+    """Create the tutorials' environments that do not exist yet (each one pip call), and
+    rebuild those made with another version of dspex-jupyter's runtime."""
     sys.path.insert(0, str(NOTEBOOKS))
-    from dspex_tutorials import ENVIRONMENTS  # type: ignore[import-not-found]
+    from dspex_tutorials import ENVIRONMENTS, ensure_environment  # type: ignore[import-not-found]
 
-    from dspex_jupyter.core.envs import create_environment, get_environment
-    from dspex_jupyter.core.errors import DspexError, EnvironmentNotFound
+    from dspex_jupyter.core.errors import DspexError
 
     unknown = sorted(set(names) - set(ENVIRONMENTS))
     if unknown:
         print(f"unknown tutorial environment(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
     for name in names or list(ENVIRONMENTS):
-        packages = ENVIRONMENTS[name]
-        try:
-            get_environment(name)
-        except EnvironmentNotFound:
-            pass
-        else:
-            say(f"environment {name!r}: ready (reused)")
-            continue
-        say(f"environment {name!r}: creating with {packages or 'the dspex runtime only'} ...")
         started = time.perf_counter()
+        say(f"environment {name!r} ({', '.join(ENVIRONMENTS[name]) or 'runtime only'}) ...")
         try:
-            create_environment(name, packages=packages)
+            _, action = ensure_environment(name)
         except DspexError as exc:
             say(f"environment {name!r}: FAILED: {exc}")
             return 1
-        say(f"environment {name!r}: created in {time.perf_counter() - started:.0f} s")
+        say(f"environment {name!r}: {action} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -52,7 +52,10 @@ def _write_python_kernelspec(python: str, folder: Path, name: str) -> None:
         "language": "python",
         "metadata": {"dspex": {"python": python}},
     }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    path = spec_dir / "kernel.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(spec, indent=1))
 
 
 def resolve_source(spec: PoolSpec, home: Path | None, scratch: Path) -> KernelSource:

@@ -102,6 +102,10 @@ class PoolManager:
         results = await asyncio.gather(*(self._start_pool(s) for s in todo), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
+            # A pool that failed to start is forgotten, so a corrected spec may take its name.
+            for spec in todo:
+                if spec.name not in self.pools:
+                    self._specs.pop(spec.name, None)
             raise errors[0]
         return [self.pools[s.name] for s in specs]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import time
@@ -44,6 +45,7 @@ OUTPUT_TYPES = frozenset(
     {"stream", "display_data", "execute_result", "update_display_data", "clear_output"}
 )
 _worker_numbers = itertools.count()
+logger = logging.getLogger("dspex_jupyter.worker")
 
 
 @dataclass
@@ -70,6 +72,7 @@ class KernelWorker:
         self.started_at = 0.0
         self.exit_code: int | None = None
         self.memory_exceeded: tuple[int, int] | None = None  # (rss, limit) when stopped for it
+        self.rejected_messages = 0  # failed signature checks (see _deserialize)
         self._env = env
         self._runtime_dir = runtime_dir
         self._km: AsyncKernelManager | None = None
@@ -133,6 +136,7 @@ class KernelWorker:
                 hint=f"run {self.source.python} -m ipykernel_launcher to see why it fails",
             )
         ready.result()
+        self._make_sockets_private()
         self._readers = [
             asyncio.ensure_future(self._read_iopub()),
             asyncio.ensure_future(self._read_shell()),
@@ -159,6 +163,14 @@ class KernelWorker:
     @property
     def launched(self) -> bool:
         return self._km is not None and self._km.has_kernel
+
+    def _make_sockets_private(self) -> None:
+        """zmq creates IPC sockets with the kernel's umask (0755): the 0700 folder already
+        keeps others out; 0600 on the sockets too, so nothing depends on the folder alone."""
+        assert self._km is not None
+        for path in Path(self._km.connection_file).parent.glob(f"{Path(self._km.ip).name}-*"):
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
 
     def poll(self) -> int | None:
         """The kernel process's exit code, or None while it runs (a non-blocking waitpid)."""
@@ -345,24 +357,35 @@ class KernelWorker:
         reply["outputs"] = execution.outputs
         return reply
 
-    async def _recv(self, channel: Any) -> dict[str, Any]:
+    def _deserialize(self, raw: list[bytes]) -> dict[str, Any] | None:
+        """A signed message, or None for one that fails its signature or is malformed:
+        it is dropped (and logged), and the reader goes on."""
         assert self._jsession is not None
-        raw = await channel.socket.recv_multipart()
-        _, parts = self._jsession.feed_identities(raw)
-        return self._jsession.deserialize(parts)
+        try:
+            _, parts = self._jsession.feed_identities(raw)
+            return self._jsession.deserialize(parts)
+        except Exception as exc:
+            logger.warning("kernel %s: dropped a message that failed to verify: %s", self.id, exc)
+            self.rejected_messages += 1
+            return None
+
+    async def _recv(self, channel: Any) -> dict[str, Any]:
+        while True:
+            msg = self._deserialize(await channel.socket.recv_multipart())
+            if msg is not None:
+                return msg
 
     async def _read_iopub(self) -> None:
         socket = self._kc.iopub_channel.socket
-        session = self._jsession
-        assert session is not None
         while True:
             raw = await socket.recv_multipart()
             # Status messages matter only while code executes; skip decoding them
             # otherwise (each call's reply comes between a "busy" and an "idle").
             if not self._executions and raw[0].endswith(b".status"):
                 continue
-            _, parts = session.feed_identities(raw)
-            self._read_iopub_message(session.deserialize(parts))
+            msg = self._deserialize(raw)
+            if msg is not None:
+                self._read_iopub_message(msg)
 
     def _read_iopub_message(self, msg: dict[str, Any]) -> None:
         msg_type = msg["header"]["msg_type"]

@@ -667,8 +667,17 @@ def build_program(spec: dict[str, Any], given: Any = None) -> Any:
         return given
     kind = spec.get("kind")
     if kind == "ref":
+        # Only a DSPy module, or a DSPy module class to instantiate: a reference read from
+        # a checkpoint never gets to call anything else.
         obj = resolve_callable(spec["ref"])
-        return obj if isinstance(obj, dspy.Module) else obj()
+        if isinstance(obj, dspy.Module):
+            return obj
+        if isinstance(obj, type) and issubclass(obj, dspy.Module):
+            return obj()
+        raise CheckpointError(
+            f"program reference {spec['ref']!r} names a {type(obj).__name__}, not a dspy.Module",
+            hint="refer to a dspy.Module instance or class ('package.module:name')",
+        )
     if kind == "dspy":
         cls = resolve_callable(spec["class"])
         program = cls(spec["signature"])

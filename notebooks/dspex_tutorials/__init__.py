@@ -7,7 +7,7 @@ dspy, torch or sentence-transformers live in submodules that import them.
 
 - ``tutorial_home()``: where the tutorials keep their environments (``DSPEX_HOME``).
 - ``environment(name)``: a tutorial environment, created once with ``create_environment``
-  and reused afterwards.
+  and reused afterwards (rebuilt, from its lock, when dspex-jupyter itself changed).
 - ``tidy(text)``: a text with this machine's folders replaced by ``$DSPEX_HOME`` and
   ``$REPO``, so the notebooks' stored outputs are the same on every machine.
 - ``quiet()``: silence library logging that would add timestamps to cell outputs.
@@ -46,18 +46,38 @@ def tutorial_home() -> Path:
     return Path(home).expanduser().resolve()
 
 
-def environment(name: str, packages: list[str] | None = None) -> Any:
-    """The environment ``name``, created (venv + one pip call) the first time only."""
+def has_current_runtime(env: Any) -> bool:
+    """Whether ``env`` has the dspex runtime of this dspex-jupyter (it changes with the
+    package's files: an environment made before an upgrade needs a rebuild)."""
+    from dspex_jupyter.core.envs import _file_sha256, runtime_wheel
+
+    recorded = (env.record.get("runtime_wheel") or {}).get("sha256")
+    return recorded == _file_sha256(runtime_wheel())
+
+
+def ensure_environment(
+    name: str, packages: list[str] | None = None, progress: Any = None
+) -> tuple[Any, str]:
+    """The environment ``name`` and what was done: ``created`` (venv + one pip call),
+    ``rebuilt`` (from its lock, with this dspex-jupyter's runtime) or ``reused``."""
     from dspex_jupyter import EnvironmentNotFound
-    from dspex_jupyter.core.envs import create_environment, get_environment
+    from dspex_jupyter.core.envs import create_environment, get_environment, rebuild_environment
 
     tutorial_home()
     try:
-        return get_environment(name)
+        env = get_environment(name)
     except EnvironmentNotFound:
-        pass
-    wanted = ENVIRONMENTS.get(name, []) if packages is None else packages
-    return create_environment(name, packages=wanted)
+        wanted = ENVIRONMENTS.get(name, []) if packages is None else packages
+        return create_environment(name, packages=wanted, progress=progress), "created"
+    if not has_current_runtime(env):
+        return rebuild_environment(name, progress=progress), "rebuilt"
+    return env, "reused"
+
+
+def environment(name: str, packages: list[str] | None = None) -> Any:
+    """The environment ``name``: created the first time, rebuilt when dspex-jupyter changed
+    since, reused otherwise."""
+    return ensure_environment(name, packages)[0]
 
 
 def tidy(text: Any) -> str:
@@ -72,9 +92,12 @@ def tidy(text: Any) -> str:
 
 def quiet() -> None:
     """No INFO lines from DSPy and LiteLLM in cell outputs (they carry timestamps)."""
+    import contextlib
     import logging
     import warnings
 
+    with contextlib.suppress(ImportError):
+        import dspy  # noqa: F401  (importing it configures its loggers: adjust them after)
     for name in ("dspy", "LiteLLM", "litellm", "httpx", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -120,3 +120,20 @@ def numbers():
 
 def stream_log() -> dict[str, Any]:
     return dict(STREAM_LOG)
+
+
+# ---- memory (05) -----------------------------------------------------------------------
+HELD: list[bytearray] = []
+
+
+def hog(megabytes: int, hold_s: float = 30.0) -> int:
+    """Allocate ``megabytes`` (pages touched, so they count in RSS), then keep working for
+    up to ``hold_s`` seconds, as a memory-hungry step would."""
+    import threading
+
+    block = bytearray(megabytes * 1_000_000)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    HELD.append(block)
+    threading.Event().wait(hold_s)
+    return len(block)

@@ -13,13 +13,13 @@ from typing import Any
 ENDS = ("complete", "error", "cancelled")
 
 
-def describe(event: dict[str, Any], last_phase: list[str]) -> str | None:
+def describe(event: dict[str, Any], last_phase: list[str], candidates: bool = True) -> str | None:
     """One line for the events worth a line; None for the others."""
     kind = event["kind"]
     if kind == "phase" and event["phase"] != last_phase[0]:
         last_phase[0] = event["phase"]
         return f"phase: {event['phase']}"
-    if kind == "candidate":
+    if kind == "candidate" and candidates:
         return f"  candidate instruction {event['index']}: {event['instruction']}"
     if kind == "trial":
         best = "  <- best so far" if event["score"] == event["best_score"] else ""
@@ -43,8 +43,9 @@ def describe(event: dict[str, Any], last_phase: list[str]) -> str | None:
     return None
 
 
-def watch(run: Any, timeout: float = 600.0) -> Any:
-    """Print the run's progress until it ends; return the run."""
+def watch(run: Any, timeout: float = 600.0, candidates: bool = True) -> Any:
+    """Print the run's progress until it ends (``candidates``: with the candidate
+    instructions); return the run."""
     events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     run.on_event(events.put)
     last_phase = [""]
@@ -63,7 +64,7 @@ def watch(run: Any, timeout: float = 600.0) -> Any:
                 raise TimeoutError(f"run {run.run_id} still {run.status} after {timeout} s")
             continue
         idle = 0.0
-        line = describe(event, last_phase)
+        line = describe(event, last_phase, candidates)
         if line is not None:
             print(line, flush=True)
         if event["kind"] in ENDS:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import dspy
 
 from dspex_jupyter.testing import arithmetic
+from dspex_jupyter.testing.mipro_settings import quick_settings
 
-COMPILE = {
-    "num_trials": 8,
-    "minibatch_size": 10,
-    "max_bootstrapped_demos": 2,
-    "max_labeled_demos": 2,
-    "program_aware_proposer": False,
-    "data_aware_proposer": False,
-    "tip_aware_proposer": False,
-    "fewshot_aware_proposer": False,
-}
-OPTIONS = {"auto": None, "num_candidates": 4, "seed": 0}
+OPTIONS, COMPILE = quick_settings()
 
 
 def task():
