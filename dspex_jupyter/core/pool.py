@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .. import exchange, protocol
-from .errors import CallTimeout, PoolClosed, PoolExhausted, PoolStartError
+from .errors import CallTimeout, GpuOutOfMemory, PoolClosed, PoolExhausted, PoolStartError
 from .exchange_dirs import ExchangeArea
 from .launch import KernelSource, kernel_environment
 from .loop import LoopThread
@@ -105,6 +105,7 @@ class Pool:
         self.deaths = 0
         self.last_error = ""
         self.warnings: list[str] = []
+        self.recoveries: list[dict[str, Any]] = []  # what the recovery policy did, in order
         # Crash-loop detection: kernels that die young without serving anything.
         self._early_deaths = 0
         self.backoff_until = 0.0
@@ -418,15 +419,52 @@ class Pool:
         func_desc = encode_function(func, func_buffers)
         worker = await self._acquire(None, "call")
         try:
-            # Encoded for this kernel: its folder, or message buffers if it has none.
-            out = exchange.Outgoing(worker.exchange)
-            out.buffers.extend(func_buffers)
-            request = {"func": func_desc, "payload": out.encode_call(args, kwargs)}
-            return await self._run_op(
-                worker, "call", request, out.buffers, timeout=self.spec.call_timeout, outgoing=out
-            )
+            while True:
+                # Encoded for this kernel: its folder, or message buffers if it has none.
+                out = exchange.Outgoing(worker.exchange)
+                out.buffers.extend(func_buffers)
+                request = {"func": func_desc, "payload": out.encode_call(args, kwargs)}
+                try:
+                    return await self._run_op(
+                        worker,
+                        "call",
+                        request,
+                        out.buffers,
+                        timeout=self.spec.call_timeout,
+                        outgoing=out,
+                    )
+                except GpuOutOfMemory as exc:
+                    kwargs = await self._smaller_batch(worker, kwargs, exc)
         finally:
             self._release_when_quiet(worker)
+
+    async def _smaller_batch(
+        self, worker: KernelWorker, kwargs: dict[str, Any], error: GpuOutOfMemory
+    ) -> dict[str, Any]:
+        """The recovery policy for a call's GPU out-of-memory error: clear that kernel's
+        GPU cache and retry with half its ``batch_size``, down to the policy's floor."""
+        policy = self.spec.recovery
+        size = kwargs.get("batch_size")
+        if (
+            not policy.oom_retry
+            or isinstance(size, bool)
+            or not isinstance(size, int)
+            or size // 2 < policy.min_batch_size
+        ):
+            raise error
+        await self._run_op(worker, "clear_gpu_cache", {}, [], decode=False)
+        self.recoveries.append(
+            {
+                "time": time.time(),
+                "action": "halve_batch",
+                "kernel": worker.id,
+                "from_size": size,
+                "to_size": size // 2,
+                "reason": error.remote_message,
+            }
+        )
+        logger.info("pool %s: out of GPU memory; retrying with batch_size=%d", self.name, size // 2)
+        return {**kwargs, "batch_size": size // 2}
 
     async def _map(self, func: Any, items: Iterable[Any], chunksize: int | None) -> list[Any]:
         values = list(items)
@@ -548,6 +586,7 @@ class Pool:
             "deaths": self.deaths,
             "last_error": self.last_error,
             "warnings": list(self.warnings),
+            "recoveries": self.recoveries[-20:],
             "backoff_until": self.backoff_until if self.backoff_until > time.time() else None,
             "closed": self._closed,
         }

@@ -59,3 +59,12 @@ def hog_and_wait(megabytes: int) -> None:
     """Allocate, then keep working (block) as a memory-hungry step would."""
     hog(megabytes)
     threading.Event().wait()
+
+
+def embed_batch(items: list[str], batch_size: int) -> dict[str, int]:
+    """Runs out of (GPU) memory above 8 items a batch: torch's own error, on the CPU."""
+    if batch_size > 8:
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (batch of {batch_size}, injected)")
+    return {"embedded": len(items), "batch_size": batch_size}

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from dspex_jupyter import PoolManager, PoolSpec
-from dspex_jupyter.core.errors import KernelDied, MemoryLimitExceeded
+from dspex_jupyter.core.errors import GpuOutOfMemory, KernelDied, MemoryLimitExceeded
 
 pytestmark = pytest.mark.integration
 H = "tests.integration.helpers"
@@ -56,3 +56,15 @@ def test_a_kernel_that_keeps_dying_is_backed_off_and_reported():
         assert health["backoff_until"] is not None
         assert pool.wait_ready(timeout=30)  # it does come back, just not in a tight loop
         assert pool.call(f"{H}:square", 4) == 16
+
+
+def test_out_of_memory_call_is_retried_with_half_the_batch():
+    with PoolManager([PoolSpec("gpuish", size=1, recovery={"min_batch_size": 2})]) as manager:
+        pool = manager["gpuish"]
+        result = pool.call(f"{H}:embed_batch", ["a"] * 40, batch_size=32)
+        assert result == {"embedded": 40, "batch_size": 8}
+        steps = [(r["from_size"], r["to_size"]) for r in pool.health()["recoveries"]]
+        assert steps == [(32, 16), (16, 8)]
+    with PoolManager([PoolSpec("strict", size=1, recovery={"oom_retry": False})]) as manager:
+        with pytest.raises(GpuOutOfMemory, match="CUDA out of memory"):
+            manager["strict"].call(f"{H}:embed_batch", ["a"], batch_size=32)
