@@ -32,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 DEFAULT_HOME = REPO / ".dspex-tutorials"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Outputs come from the notebook's code only: what other processes (pool kernels) write to the
+# kernel's stderr goes to its log file, not into whichever cell happens to be running.
+KERNEL_ARGUMENTS = ("--IPKernelApp.capture_fd_output=False",)
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -80,6 +83,7 @@ def make_client(nb: Any, notebook: Path, timeout: float, kernel: str) -> tuple[A
         resources={"metadata": {"path": str(notebook.parent)}},
         record_timing=False,
         on_cell_execute=announce,
+        extra_arguments=list(KERNEL_ARGUMENTS),
     )
     return client, km, sockets
 
@@ -111,6 +115,24 @@ def echo(msg: dict[str, Any]) -> None:
         print(f"{content.get('ename')}: {content.get('evalue')}", file=sys.stderr, flush=True)
 
 
+def scrub_paths(nb: Any) -> None:
+    """Replace this machine's DSPEX_HOME and repository paths in outputs by placeholders."""
+    places = [(os.environ["DSPEX_HOME"], "$DSPEX_HOME"), (str(REPO), "$REPO")]
+
+    def scrub(text: str) -> str:
+        for path, placeholder in places:
+            text = text.replace(path, placeholder)
+        return text
+
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if isinstance(out.get("text"), str):
+                out["text"] = scrub(out["text"])
+            for mime, value in out.get("data", {}).items():
+                if isinstance(value, str):
+                    out["data"][mime] = scrub(value)
+
+
 def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> int:
     import nbformat
     from jupyter_core.utils import run_sync
@@ -122,10 +144,15 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
     say(f"{code_cells} code cells; kernel {kernel!r} ({sys.executable}); DSPEX_HOME is")
     print(f"    {os.environ['DSPEX_HOME']}", flush=True)
     client, km, sockets = make_client(nb, notebook, timeout, kernel)
+    # Beside the executed notebook; a stored tutorial's in build/.
+    log_dir = REPO / "build" if output == notebook else output.parent
+    log_path = log_dir / f"{notebook.stem}.kernels.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     status = 0
+    log = log_path.open("w")
     try:
-        client.execute()
+        client.execute(stdout=log, stderr=log)
     except CellExecutionError as exc:
         status = 1
         print(file=sys.stderr)
@@ -138,8 +165,11 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
         if km.has_kernel:
             run_sync(km.shutdown_kernel)()
         shutil.rmtree(sockets, ignore_errors=True)
+        log.close()
     elapsed = time.perf_counter() - started
     output.parent.mkdir(parents=True, exist_ok=True)
+    if output == notebook:  # a stored tutorial: no paths of this machine in its outputs
+        scrub_paths(nb)
     nbformat.write(nb, output)
     ran = sum(1 for c in nb.cells if c.cell_type == "code" and c.get("execution_count"))
     errors = sum(
@@ -153,6 +183,7 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
         f"{errors} with an error, in {elapsed:.1f} s"
     )
     say(f"executed notebook written to {output}")
+    say(f"the kernels' own log: {log_path}")
     return status
 
 

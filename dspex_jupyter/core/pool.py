@@ -570,6 +570,7 @@ class Pool:
                     "rss_text": format_bytes(rss),
                     "uptime": round(now - worker.started_at, 3) if worker.started_at else 0.0,
                     "calls_served": worker.calls_served,
+                    "log": str(worker.log_path) if worker.log_path else None,
                 }
             )
         return {

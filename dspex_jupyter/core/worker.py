@@ -73,6 +73,7 @@ class KernelWorker:
         self.exit_code: int | None = None
         self.memory_exceeded: tuple[int, int] | None = None  # (rss, limit) when stopped for it
         self.rejected_messages = 0  # failed signature checks (see _deserialize)
+        self.log_path: Path | None = None
         self._env = env
         self._runtime_dir = runtime_dir
         self._km: AsyncKernelManager | None = None
@@ -119,7 +120,17 @@ class KernelWorker:
             transport="ipc",
             connection_file=str(self._runtime_dir / f"{stem}.json"),
         )
-        await self._km.start_kernel(env=self._env, cwd=str(Path.cwd()))
+        # The kernel's own stdout/stderr (ipykernel's log lines, C-level prints) go to a
+        # private log file, not to the notebook process's stderr, where ipykernel would
+        # forward them into whichever cell happens to run.
+        self.log_path = self._runtime_dir / f"{stem}.log"
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            await self._km.start_kernel(
+                env=self._env, cwd=str(Path.cwd()), stdout=log_fd, stderr=log_fd
+            )
+        finally:
+            os.close(log_fd)  # the kernel process has its own copy
         self.started_at = time.time()
         if on_launch is not None:
             on_launch(self)

@@ -138,11 +138,15 @@ class OptimizedModule:
         return self.metadata["metrics"]["best_score"]
 
     def save(self, path: str | Path) -> Path:
-        """Write the program's state as DSPy's ``module.save("x.json")`` does (JSON)."""
+        """Write the program's state in the JSON of DSPy's ``module.save("x.json")`` (state
+        plus DSPy's dependency metadata), so ``program.load(path)`` reads it back."""
         import json
 
+        from dspy.utils.saving import get_dependency_versions
+
         path = Path(path)
-        path.write_text(json.dumps(self.state, indent=2))
+        document = {**self.state, "metadata": {"dependency_versions": get_dependency_versions()}}
+        path.write_text(json.dumps(document, indent=2))
         return path
 
     def to_dspy(self, program: Any = None) -> Any:

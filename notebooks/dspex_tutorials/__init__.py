@@ -10,7 +10,8 @@ dspy, torch or sentence-transformers live in submodules that import them.
   and reused afterwards (rebuilt, from its lock, when dspex-jupyter itself changed).
 - ``tidy(text)``: a text with this machine's folders replaced by ``$DSPEX_HOME`` and
   ``$REPO``, so the notebooks' stored outputs are the same on every machine.
-- ``quiet()``: silence library logging that would add timestamps to cell outputs.
+- ``quiet()``: silence library logging that would add timestamps (or stray lines) to cell
+  outputs.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def tidy(text: Any) -> str:
 
 
 def quiet() -> None:
-    """No INFO lines from DSPy and LiteLLM in cell outputs (they carry timestamps)."""
+    """No INFO lines from DSPy and LiteLLM in cell outputs (they carry timestamps), and no
+    warnings from dspex's supervising thread."""
     import contextlib
     import logging
     import warnings
@@ -100,4 +102,8 @@ def quiet() -> None:
         import dspy  # noqa: F401  (importing it configures its loggers: adjust them after)
     for name in ("dspy", "LiteLLM", "litellm", "httpx", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # dspex's own warnings (a kernel near its max_memory, say) come from its supervising
+    # thread, so they would land in whichever cell runs then; they stay in
+    # pool.health()["warnings"].
+    logging.getLogger("dspex_jupyter").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -69,6 +69,25 @@ def allocate_on_gpu(gib: float) -> str:
     )
 
 
+def process_in_batches(items: list[Any], batch_size: int = 32) -> dict[str, Any]:
+    """Process ``items`` in batches of ``batch_size``, as a model on a GPU would: each batch
+    needs memory in proportion to its size. This machine may have no GPU, so the memory is
+    simulated: a batch of more than 8 items fails with torch's ``OutOfMemoryError``."""
+    import torch
+
+    if batch_size > 8:
+        raise torch.OutOfMemoryError(
+            f"CUDA out of memory. Tried to allocate {batch_size * 0.25:.2f} GiB for a batch of "
+            f"{batch_size} (simulated: this kernel holds 8 items at once)"
+        )
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    return {
+        "items": sum(len(b) for b in batches),
+        "batches": len(batches),
+        "batch_size": batch_size,
+    }
+
+
 # ---- retrieval-augmented answering (06) -------------------------------------------------
 class AnswerFromContext(dspy.Signature):
     """Answer the question from the context, carefully; verify the answer in the context."""

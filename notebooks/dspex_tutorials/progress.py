@@ -43,9 +43,9 @@ def describe(event: dict[str, Any], last_phase: list[str], candidates: bool = Tr
     return None
 
 
-def watch(run: Any, timeout: float = 600.0, candidates: bool = True) -> Any:
+def watch(run: Any, timeout: float = 600.0, candidates: bool = True) -> None:
     """Print the run's progress until it ends (``candidates``: with the candidate
-    instructions); return the run."""
+    instructions)."""
     events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
     run.on_event(events.put)
     last_phase = [""]
@@ -59,7 +59,7 @@ def watch(run: Any, timeout: float = 600.0, candidates: bool = True) -> Any:
             idle += 1.0
             if run.done and events.empty():  # ended without a final event (kernel lost)
                 print(f"run ended: {run.status}")
-                return run
+                return
             if idle >= timeout:
                 raise TimeoutError(f"run {run.run_id} still {run.status} after {timeout} s")
             continue
@@ -68,4 +68,4 @@ def watch(run: Any, timeout: float = 600.0, candidates: bool = True) -> Any:
         if line is not None:
             print(line, flush=True)
         if event["kind"] in ENDS:
-            return run
+            return

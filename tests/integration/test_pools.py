@@ -292,3 +292,11 @@ def test_failed_init_session_surfaces_on_first_use(manager):
     session.release()
     with manager["main"].session() as fresh:
         assert fresh.call(f"{H}:getpid") == fresh.pid
+
+
+def test_kernel_output_goes_to_its_log_not_to_the_notebook(manager, capfd):
+    manager["main"].call(lambda: __import__("os").write(2, b"low-level kernel noise\n"))
+    assert "low-level kernel noise" not in capfd.readouterr().err
+    logs = [k["log"] for k in manager.health()["pools"]["main"]["kernels"]]
+    assert any("low-level kernel noise" in Path(log).read_text() for log in logs)
+    assert all(stat.S_IMODE(os.stat(log).st_mode) == 0o600 for log in logs)
