@@ -439,16 +439,13 @@ class Bench:
         s = self.stats
         cold = s.get("cold_kernel_start")
         ki_raw, ki_client = s.get("kernel_info_raw"), s.get("kernel_info_client")
-        # The kernel_info baseline is the faster of the two ways to do it.
-        kernel_info = min(
-            (x for x in (ki_raw, ki_client) if x is not None and x.samples),
-            key=lambda x: x.p50,
-            default=None,
-        )
+        # The target is set against jupyter_client's own client API (what "raw jupyter_client"
+        # offers); the hand-rolled Session-on-zmq floor below it is shown too, as information.
+        kernel_info = ki_client if ki_client is not None and ki_client.samples else ki_raw
         ki_label = (
-            "raw kernel_info (Session on zmq)"
-            if kernel_info is ki_raw
-            else "kernel_info (BlockingKernelClient)"
+            "kernel_info (BlockingKernelClient)"
+            if kernel_info is ki_client
+            else "raw kernel_info (Session on zmq)"
         )
         ipp = s.get("ipyparallel_apply_sync")
         call = s.get("call_pool", Stat("call_pool", "s"))
@@ -466,7 +463,7 @@ class Bench:
                 s.get("session_first_call", Stat("session_first_call", "s")),
                 call,
                 "pool.call no-op",
-                note="waits for init_session's reply, then one call",
+                note="the kernel handles the queued init_session first",
             ),
             Row(
                 "  second session.call",
@@ -497,10 +494,8 @@ class Bench:
                 ki_label,
             ),
         ]
-        other_ki = ki_client if kernel_info is ki_raw else ki_raw
-        if other_ki is not None and kernel_info is not None:
-            other = "kernel_info (BlockingKernelClient)" if other_ki is ki_client else "raw"
-            rows.append(Row(f"  {other}", other_ki, kernel_info, ki_label))
+        if ki_raw is not None and ki_raw.samples and kernel_info is not ki_raw:
+            rows.append(Row("no-op pool.call", call, ki_raw, "raw kernel_info (Session on zmq)"))
         one = s.get("pool_start_1", Stat("pool_start_1", "s"))
         rows.append(Row("pool start, 1 kernel", one, cold, "cold kernel start + ready"))
         for size in self.cfg.start_sizes:

@@ -193,6 +193,7 @@ class OptimizationRun:
         self.pool = session._pool
         self.recovery = recovery or RecoveryPolicy()
         self.auto_resumes = 0
+        self.cancelled_after_trials: int | None = None  # trials done when cancel arrived
         self._objects = objects or {}
         self.run_id = run_id
         self.checkpoint_dir = checkpoint_dir
@@ -362,7 +363,8 @@ class OptimizationRun:
     def cancel(self, timeout: float | None = 120) -> Path | None:
         """Stop within one trial; the run keeps a resumable checkpoint (its path)."""
         if not self.done:
-            self.session.call(f"{RUNTIME}:cancel", self.run_id)
+            answer = self.session.call(f"{RUNTIME}:cancel", self.run_id)
+            self.cancelled_after_trials = answer["trials_done"]
         self._done.wait(timeout)
         for event in reversed(self.events):
             if event["kind"] == "cancelled":

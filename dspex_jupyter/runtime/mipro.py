@@ -883,7 +883,7 @@ def request_checkpoint(run_id: str) -> dict[str, Any]:
 def cancel(run_id: str) -> dict[str, Any]:
     rec = _run(run_id)
     rec.cancel_requested.set()
-    return {"requested": not rec.finished}
+    return {"requested": not rec.finished, "trials_done": rec.progress.get("trials_done", 0)}
 
 
 def status(run_id: str) -> dict[str, Any]:
