@@ -13,7 +13,12 @@ import pytest
 
 from dspex_jupyter import MIPROv2, PoolManager, PoolSpec
 from dspex_jupyter.checkpoint import CheckpointDir
-from dspex_jupyter.core.errors import GpuOutOfMemory, RemoteError, SessionKernelLost
+from dspex_jupyter.core.errors import (
+    GpuOutOfMemory,
+    OptimizationDiverged,
+    RemoteError,
+    SessionKernelLost,
+)
 from dspex_jupyter.optimizers import RunCancelled
 from dspex_jupyter.optimizers.mipro import _lm_spec
 from tests.integration import mipro_helpers as mh
@@ -264,3 +269,29 @@ def test_kernel_death_is_recovered_by_auto_resume(manager, reference, tmp_path):
     assert killed == [3, 8] and run.auto_resumes == 2
     assert [e["attempt"] for e in run.events if e["kind"] == "recovery"] == [1, 2]
     assert (trials_of(result), result.state) == reference
+
+
+def test_a_search_that_scores_nothing_stops_as_diverged(manager, tmp_path):
+    task = mh.task()
+    lm = task.lm()
+    optimizer = MIPROv2(
+        manager["mipro"],
+        metric="tests.integration.mipro_helpers:always_zero",
+        task_lm=lm,
+        prompt_lm=lm,
+        recovery={"diverged_after": 3},
+        **mh.OPTIONS,
+    )
+    run = optimizer.optimize(
+        task.make_program(),
+        task.trainset,
+        task.valset,
+        checkpoint_dir=tmp_path / "run",
+        **mh.COMPILE,
+    )
+    with pytest.raises(OptimizationDiverged, match="the last 3 trials all scored 0") as info:
+        run.result(timeout=120)
+    assert "another configuration" in str(info.value)
+    assert [e["score"] for e in run.events if e["kind"] == "trial"][:3] == [0.0, 0.0, 0.0]
+    assert all(c["ok"] for c in run.checkpoints())
+    run.close()

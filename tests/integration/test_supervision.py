@@ -7,7 +7,12 @@ import time
 import pytest
 
 from dspex_jupyter import PoolManager, PoolSpec
-from dspex_jupyter.core.errors import GpuOutOfMemory, KernelDied, MemoryLimitExceeded
+from dspex_jupyter.core.errors import (
+    GpuOutOfMemory,
+    KernelDied,
+    MemoryLimitExceeded,
+    ModelNotFound,
+)
 
 pytestmark = pytest.mark.integration
 H = "tests.integration.helpers"
@@ -68,3 +73,10 @@ def test_out_of_memory_call_is_retried_with_half_the_batch():
     strict = PoolSpec("strict", size=1, recovery={"oom_retry": False})
     with PoolManager([strict]) as manager, pytest.raises(GpuOutOfMemory, match="CUDA out of"):
         manager["strict"].call(f"{H}:embed_batch", ["a"], batch_size=32)
+
+
+def test_a_missing_model_file_is_model_not_found():
+    with PoolManager([PoolSpec("models", size=1)]) as manager:
+        with pytest.raises(ModelNotFound, match=r"model\.safetensors") as info:
+            manager["models"].call("builtins:open", "/no/such/dir/model.safetensors")
+        assert "no model hub is reachable offline" in str(info.value)
