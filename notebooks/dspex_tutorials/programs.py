@@ -8,19 +8,12 @@ from typing import Any
 
 import dspy
 
+from dspex_jupyter.testing.faults import OomOnNewInstructions  # noqa: F401 (tutorial 05)
+from dspex_jupyter.testing.mipro_settings import quick_settings
+
 # A small, fast MIPROv2 search (the simulated LM answers in microseconds): 8 trials over 4
 # instruction candidates and 4 few-shot sets, minibatches of 10.
-OPTIMIZER = {"auto": None, "num_candidates": 4, "seed": 0}
-COMPILE = {
-    "num_trials": 8,
-    "minibatch_size": 10,
-    "max_bootstrapped_demos": 2,
-    "max_labeled_demos": 2,
-    "program_aware_proposer": False,
-    "data_aware_proposer": False,
-    "tip_aware_proposer": False,
-    "fewshot_aware_proposer": False,
-}
+OPTIMIZER, COMPILE = quick_settings()
 
 
 # ---- evaluation in pool kernels (07) ----------------------------------------------------
@@ -36,27 +29,6 @@ def score(state: dict[str, Any] | None, lm: Any, example: dspy.Example) -> dict[
 
 
 # ---- errors and recovery (05) -----------------------------------------------------------
-class OomOnNewInstructions(dspy.Module):
-    """Runs out of GPU memory as soon as MIPROv2 tries a proposed instruction.
-
-    Without a GPU the error is torch's own ``OutOfMemoryError``, raised on the CPU as a
-    stand-in for CUDA's (``scripts/gpu_check.py`` does it for real on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.predict = dspy.ChainOfThought("question -> answer")
-        self.original = self.predict.predict.signature.instructions
-
-    def forward(self, question: str):
-        if self.predict.predict.signature.instructions != self.original:
-            import torch
-
-            raise torch.OutOfMemoryError(
-                "CUDA out of memory. Tried to allocate 2.00 GiB (simulated: no GPU here)"
-            )
-        return self.predict(question=question)
-
-
 def allocate_on_gpu(gib: float) -> str:
     """Allocate ``gib`` GiB on the GPU; without one, fail as CUDA would (simulated)."""
     import torch

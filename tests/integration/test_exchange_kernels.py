@@ -265,7 +265,7 @@ with manager.session("host") as session:
 (folder / ("0" * 32 + ".arrow")).write_bytes(b"in flight")  # a transfer cut short
 print(json.dumps({"root": str(manager.exchange.root), "kernels": manager["host"].kernel_pids}))
 sys.stdout.flush()
-time.sleep(600)
+time.sleep(600)  # poll: the host waits here until the test SIGKILLs it
 """
 
 
@@ -305,5 +305,5 @@ def wait_until(check, timeout: float = 15.0) -> bool:
     while time.monotonic() < deadline:
         if check():
             return True
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll: a condition with a deadline
     return check()
