@@ -62,6 +62,15 @@ def encode_document(body: Any, fmt: str = FORMAT) -> bytes:
     return json.dumps(head, separators=(",", ":")).encode()[:-1] + b',"body":' + data + b"}"
 
 
+def example_to_json(example: Any) -> dict[str, Any]:
+    """A ``dspy.Example`` (or a plain dict) as JSON, its input keys kept: how datasets and
+    demos are written to checkpoints and sent with a run (no DSPy import needed)."""
+    if isinstance(example, dict):
+        return {"data": dict(example), "inputs": None}
+    inputs = getattr(example, "_input_keys", None)
+    return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
+
+
 def write_bytes_atomic(path: Path, document: bytes) -> None:
     """Write to a private temporary file, fsync, rename into place: never half a file."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")

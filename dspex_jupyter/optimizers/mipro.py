@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointDir, scrub_secrets
+from ..checkpoint import CheckpointDir, example_to_json, scrub_secrets
 from ..core import lifecycle
 from ..core.errors import DspexError, KernelDied, PoolNotFound, RemoteError, classify
 from ..core.pool import Pool
@@ -100,13 +100,6 @@ def _lm_spec(lm: Any) -> dict[str, Any] | None:
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "state": scrub_secrets(lm.dump_state()),
     }
-
-
-def _example_json(example: Any) -> dict[str, Any]:
-    if isinstance(example, dict):
-        return {"data": dict(example), "inputs": None}
-    inputs = getattr(example, "_input_keys", None)
-    return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
 
 
 # ---- the result ----------------------------------------------------------------------
@@ -470,8 +463,8 @@ class MIPROv2:
             "recovery": self.recovery.to_json(),
         }
         data = {
-            "trainset": [_example_json(e) for e in trainset],
-            "valset": [_example_json(e) for e in valset] if valset is not None else None,
+            "trainset": [example_to_json(e) for e in trainset],
+            "valset": [example_to_json(e) for e in valset] if valset is not None else None,
         }
         objects = {
             "program": program_obj,

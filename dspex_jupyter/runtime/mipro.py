@@ -36,6 +36,7 @@ from dspy.utils.usage_tracker import UsageTracker
 from ..checkpoint import (
     CheckpointDir,
     CheckpointError,
+    example_to_json,
     read_json_checked,
     scrub_secrets,
     write_json_atomic,
@@ -94,11 +95,6 @@ def is_infrastructure_error(exc: BaseException) -> bool:
 
 
 # ---- JSON forms of DSPy objects ------------------------------------------------------
-def example_to_json(example: Any) -> dict[str, Any]:
-    inputs = getattr(example, "_input_keys", None)
-    return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
-
-
 def example_from_json(data: dict[str, Any]) -> Any:
     example = dspy.Example(**data["data"])
     return example.with_inputs(*data["inputs"]) if data.get("inputs") else example
