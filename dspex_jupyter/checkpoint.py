@@ -71,19 +71,38 @@ def example_to_json(example: Any) -> dict[str, Any]:
     return {"data": example.toDict(), "inputs": sorted(inputs) if inputs else None}
 
 
-def write_bytes_atomic(path: Path, document: bytes) -> None:
-    """Write to a private temporary file, fsync, rename into place: never half a file."""
+def write_bytes_atomic(path: Path, document: bytes, *, sync: bool = True) -> None:
+    """Write to a private temporary file, fsync, rename into place: never half a file.
+    With ``sync=False`` the caller calls ``make_durable`` later (off its hot path): until
+    then the file survives a killed process, not a power cut."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(document)
         fh.flush()
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, body: Any, fmt: str = FORMAT) -> None:
-    write_bytes_atomic(path, encode_document(body, fmt))
+def make_durable(*paths: Path) -> None:
+    """fsync files written with ``sync=False``, and the folders that name them."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for folder in {path.parent for path in paths}:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json_atomic(path: Path, body: Any, fmt: str = FORMAT, *, sync: bool = True) -> None:
+    write_bytes_atomic(path, encode_document(body, fmt), sync=sync)
 
 
 def read_json_checked(path: Path, fmt: str = FORMAT) -> Any:
@@ -139,6 +158,11 @@ class CheckpointDir:
     @property
     def data_file(self) -> Path:
         return self.path / "data.json"
+
+    @property
+    def log_file(self) -> Path:
+        """What DSPy printed during the run (kept across resumes; secrets masked)."""
+        return self.path / "run.log"
 
     def snapshot_path(self, number: int) -> Path:
         return self.path / f"ckpt-{number:06d}.json"

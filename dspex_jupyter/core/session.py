@@ -197,7 +197,7 @@ class Session:
             "window": window,
             "batch_items": batch_items,
         }
-        channel = self._worker.open_stream(stream_id)
+        channel = self._worker.open_stream(stream_id, ack_every=max(1, window // 2))
         try:
             await self._worker.request("stream_open", request, session=self.id, buffers=out.buffers)
         except BaseException:

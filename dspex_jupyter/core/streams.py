@@ -29,10 +29,12 @@ RESEND_AFTER_S = 1.0
 class StreamChannel:
     """Loop-thread state of one stream: reorders batches and hands them out."""
 
-    def __init__(self, worker: KernelWorker, stream_id: str) -> None:
+    def __init__(self, worker: KernelWorker, stream_id: str, ack_every: int = 1) -> None:
         self.worker = worker
         self.id = stream_id
+        self.ack_every = ack_every
         self.expected = 0
+        self._acked = -1
         self.ended = False
         self.error: BaseException | None = None
         self.gaps = 0
@@ -92,8 +94,12 @@ class StreamChannel:
                 if not self.ended and self.worker.state != "dead":
                     self._resend()
         seq, items = self._ready.popleft()
-        # Credit for one more batch: granted as the consumer takes one, not on arrival.
-        self.worker.notify("stream_ack", {"stream_id": self.id, "consumed": seq})
+        # Credit is granted as the consumer takes batches, not as they arrive: one
+        # message per ``ack_every`` batches (each costs the kernel a shell message and two
+        # IOPub status messages), and at once for the last, which the kernel waits for.
+        if seq - self._acked >= self.ack_every or (self.ended and not self._ready):
+            self._acked = seq
+            self.worker.notify("stream_ack", {"stream_id": self.id, "consumed": seq})
         return items
 
 

@@ -320,9 +320,9 @@ class KernelWorker:
         message["noreply"] = True
         self._send("comm_msg", {"comm_id": self._comm_id, "data": message})
 
-    def open_stream(self, stream_id: str) -> StreamChannel:
+    def open_stream(self, stream_id: str, ack_every: int = 1) -> StreamChannel:
         """Register a stream before it is opened, so no early batch is missed."""
-        channel = StreamChannel(self, stream_id)
+        channel = StreamChannel(self, stream_id, ack_every)
         self._streams[stream_id] = channel
         return channel
 

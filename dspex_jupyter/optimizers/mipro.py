@@ -102,6 +102,25 @@ def _lm_spec(lm: Any) -> dict[str, Any] | None:
     }
 
 
+def _shippable_lm(lm: Any) -> Any:
+    """The LM as it travels to the kernel: its settings and engine, without the calls it
+    made in the notebook. ``history`` keeps every call (~1.5 KB each) and would otherwise
+    be pickled along and copied again in the kernel by every ``lm.copy()``."""
+    if lm is None or isinstance(lm, str) or not getattr(lm, "history", None):
+        return lm
+    shipped = copy.copy(lm)
+    shipped.history = []
+    return shipped
+
+
+def _shippable_lms(task_lm: Any, prompt_lm: Any) -> dict[str, Any]:
+    task = _shippable_lm(task_lm)
+    return {
+        "task_lm": task,
+        "prompt_lm": task if prompt_lm is task_lm else _shippable_lm(prompt_lm),
+    }
+
+
 # ---- the result ----------------------------------------------------------------------
 class OptimizedModule:
     """The best program a run found: its state (JSON), instructions, demos and metadata."""
@@ -204,6 +223,11 @@ class OptimizationRun:
         # The notebook objects it was started with (program, metric, LMs): resume needs them.
         self.resume_objects: dict[str, Any] = {}
         _live_runs[run_id] = self
+
+    @property
+    def log_path(self) -> Path:
+        """What DSPy printed during the run (logs, progress bars), kept across resumes."""
+        return CheckpointDir(self.checkpoint_dir).log_file
 
     def __repr__(self) -> str:
         return (
@@ -469,8 +493,7 @@ class MIPROv2:
         objects = {
             "program": program_obj,
             "metric": metric_obj,
-            "task_lm": self.task_lm,
-            "prompt_lm": self.prompt_lm,
+            **_shippable_lms(self.task_lm, self.prompt_lm),
         }
         session = self.pool.session(timeout=self.session_timeout)
         try:
@@ -514,7 +537,11 @@ class MIPROv2:
         if spec is None:
             folder.latest()  # raises the clear "not a dspex run" error
         pool_obj = _resolve_pool(pool, manager)
-        objects = {"program": program, "metric": metric, "task_lm": task_lm, "prompt_lm": prompt_lm}
+        objects = {
+            "program": program,
+            "metric": metric,
+            **_shippable_lms(task_lm, prompt_lm),
+        }
         session = pool_obj.session(timeout=session_timeout)
         try:
             session.call(f"{RUNTIME}:resume_run", str(folder.path), objects, snapshot)

@@ -14,15 +14,14 @@ the TPE sampler's RNG states, and the loop's bookkeeping, rebuilt from the trial
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import queue
 import re
-import sys
 import threading
 import time
 import traceback
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,13 @@ from ..checkpoint import (
     CheckpointDir,
     CheckpointError,
     example_to_json,
+    make_durable,
     read_json_checked,
     scrub_secrets,
     write_json_atomic,
 )
 from .ops import resolve_callable
+from .run_output import RunLog, routed_to
 
 logger = logging.getLogger("dspex_jupyter.mipro")
 
@@ -146,12 +147,14 @@ def instructions_from_json(data: dict[str, list[str]]) -> dict[int, list[str]]:
 class SharedUsageTracker(UsageTracker):
     """DSPy's ParallelExecutor deep-copies the usage tracker into every worker thread and
     drops the copies (why ``track_usage`` undercounts with ``num_threads > 1``); this one
-    is shared on purpose, locked, and keeps running totals (read after every trial)."""
+    is shared on purpose, locked, and keeps running totals (read after every trial).
+    ``calls`` counts the requests the LMs answered; cache hits cost nothing and DSPy does
+    not report them here."""
 
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._totals = {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
+        self._totals = {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SharedUsageTracker:
         return self
@@ -159,6 +162,7 @@ class SharedUsageTracker(UsageTracker):
     def add_usage(self, lm: str, usage_entry: dict[str, Any]) -> None:
         with self._lock:
             super().add_usage(lm, usage_entry)
+            self._totals["calls"] += 1
             for key in ("prompt_tokens", "completion_tokens"):
                 self._totals[key] += int(usage_entry.get(key) or 0)
             self._totals["cost"] += float(usage_entry.get("cost") or 0.0)
@@ -171,15 +175,15 @@ class SharedUsageTracker(UsageTracker):
 
 
 class RunCallback(BaseCallback):
-    """Counts LM calls and notices infrastructure errors inside evaluations."""
+    """Notices infrastructure errors that DSPy would swallow (bootstrapping and proposing
+    count a failed example and carry on). Installed only for those two phases: DSPy's
+    callback machinery costs ~0.1 ms on every module, adapter and LM call, and the search
+    watches its evaluations more cheaply (``_WatchedProgram``)."""
 
     def __init__(self, recorder: RunRecorder) -> None:
         self.recorder = recorder
-        self._lock = threading.Lock()
 
     def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None):
-        with self._lock:
-            self.recorder.lm_calls += 1
         if exception is not None and is_infrastructure_error(exception):
             self.recorder.note_infrastructure_error(exception)
 
@@ -188,22 +192,21 @@ class RunCallback(BaseCallback):
             self.recorder.note_infrastructure_error(exception)
 
 
-class _ProgressLines(io.TextIOBase):
-    """Passes stdout through, and turns DSPy's "Bootstrapping set i/N" prints into events."""
+class _WatchedProgram:
+    """What the search hands to ``Evaluate``: calls the candidate, and notes an
+    infrastructure error before DSPy's executor turns it into a failed example."""
 
-    def __init__(self, original: Any, recorder: RunRecorder) -> None:
-        self.original = original
+    def __init__(self, program: Any, recorder: RunRecorder) -> None:
+        self.program = program
         self.recorder = recorder
 
-    def write(self, text: str) -> int:
-        for match in _BOOTSTRAP_LINE.finditer(text):
-            self.recorder.emit(
-                "phase", phase="bootstrap", step=int(match.group(1)), total=int(match.group(2))
-            )
-        return self.original.write(text)
-
-    def flush(self) -> None:
-        self.original.flush()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.program(*args, **kwargs)
+        except BaseException as exc:
+            if is_infrastructure_error(exc):
+                self.recorder.note_infrastructure_error(exc)
+            raise
 
 
 # ---- the run's events and checkpoints ------------------------------------------------
@@ -223,12 +226,13 @@ class RunRecorder:
         self.checkpoint_requests = 0  # how many "checkpoint now" requests came in
         self.checkpoint_served = 0  # the newest request a written snapshot answers
         self.usage = SharedUsageTracker()
-        self.lm_calls = int(self.restored.get("usage", {}).get("calls", 0))
         self._usage_base = dict(self.restored.get("usage", {}))
         self.infrastructure_error: BaseException | None = None
         self.progress: dict[str, Any] = dict(self.restored)
         self.result: dict[str, Any] | None = None
-        self._writes: queue.Queue[tuple[Path, bytes, dict[str, Any]]] = queue.Queue()
+        self.log = RunLog(folder.log_file, self._progress_lines)
+        # Snapshots to write (path, bytes, event), or files to fsync (path, None, {}).
+        self._writes: queue.Queue[tuple[Path, bytes | None, dict[str, Any]]] = queue.Queue()
         threading.Thread(
             target=self._write_snapshots, name=f"dspex-ckpt-{run_id}", daemon=True
         ).start()
@@ -245,11 +249,22 @@ class RunRecorder:
             self.cond.notify_all()
         return event
 
+    def _progress_lines(self, text: str) -> None:
+        """DSPy prints "Bootstrapping set i/N" (to the run's log): an event each."""
+        for match in _BOOTSTRAP_LINE.finditer(text):
+            self.emit(
+                "phase", phase="bootstrap", step=int(match.group(1)), total=int(match.group(2))
+            )
+
+    @contextlib.contextmanager
+    def watching_errors(self) -> Iterator[None]:
+        with dspy.context(callbacks=[*dspy.settings.callbacks, RunCallback(self)]):
+            yield
+
     def usage_totals(self) -> dict[str, Any]:
         totals = self.usage.totals()
-        for key in ("prompt_tokens", "completion_tokens", "total_tokens", "cost"):
+        for key in ("calls", "prompt_tokens", "completion_tokens", "total_tokens", "cost"):
             totals[key] = totals[key] + self._usage_base.get(key, 0)
-        totals["calls"] = self.lm_calls
         return totals
 
     def note_infrastructure_error(self, exc: BaseException) -> None:
@@ -266,6 +281,7 @@ class RunRecorder:
         if serves > self.checkpoint_served and reason in ("step", "trial"):
             reason = "requested"  # this snapshot answers the pending request
         self.checkpoint_served = max(self.checkpoint_served, serves)
+        self.log.sync()
         self.progress.update(state)
         self.progress["phase"] = phase
         self.progress["usage"] = self.usage_totals()
@@ -284,10 +300,18 @@ class RunRecorder:
             self._writes.join()
         return path
 
+    def make_durable(self, *paths: Path) -> None:
+        """fsync these on the writer thread, before any snapshot that follows."""
+        for path in paths:
+            self._writes.put((path, None, {}))
+
     def _write_snapshots(self) -> None:
         while True:
             path, document, info = self._writes.get()
             try:
+                if document is None:
+                    make_durable(path)
+                    continue
                 started = time.perf_counter()
                 self.folder.commit_snapshot(path, document)
                 self.emit(
@@ -318,6 +342,7 @@ class RunRecorder:
 
     def finish(self, status: str) -> None:
         self._writes.join()  # every snapshot on disk before the run says it ended
+        self.log.close()
         with self.cond:
             self.status = status
             self.finished = True
@@ -352,7 +377,7 @@ class ResumableMIPROv2(MIPROv2):
             return demos_from_json(rec.restored["demo_candidates"])
         rec.status = "bootstrapping"
         rec.emit("phase", phase="bootstrap", step=0, total=kwargs["num_fewshot_candidates"])
-        with contextlib.redirect_stdout(_ProgressLines(sys.stdout, rec)):
+        with rec.watching_errors():
             demos = super()._bootstrap_fewshot_examples(program, trainset, seed, teacher, **kwargs)
         rec.checkpoint(
             "bootstrapped",
@@ -373,9 +398,10 @@ class ResumableMIPROv2(MIPROv2):
         else:
             rec.status = "proposing"
             rec.emit("phase", phase="propose", step=0, total=kwargs.get("num_instruct_candidates"))
-            candidates = super()._propose_instructions(
-                program, trainset, demo_candidates, *args, **kwargs
-            )
+            with rec.watching_errors():
+                candidates = super()._propose_instructions(
+                    program, trainset, demo_candidates, *args, **kwargs
+                )
             rec.checkpoint(
                 "proposed",
                 "step",
@@ -569,7 +595,8 @@ class ResumableMIPROv2(MIPROv2):
             raise TrialAbandoned(rec.infrastructure_error)
         retried_full = False
         while True:
-            score = eval_candidate_program(batch_size, valset, candidate, evaluate, self.rng).score
+            watched = _WatchedProgram(candidate, rec)
+            score = eval_candidate_program(batch_size, valset, watched, evaluate, self.rng).score
             error = rec.infrastructure_error
             if error is None:
                 return score
@@ -727,7 +754,7 @@ def _run_thread(
             **spec["optimizer"],
         )
         rec.emit("status", status="running", restored_phase=rec.restored.get("phase"))
-        with dspy.context(lm=task_lm, callbacks=[RunCallback(rec)], usage_tracker=rec.usage):
+        with routed_to(rec.log), dspy.context(lm=task_lm, usage_tracker=rec.usage):
             best = optimizer.compile(program, trainset=trainset, valset=valset, **spec["compile"])
         state = best.dump_state()
         search = rec.progress.get("search", {})
@@ -811,9 +838,12 @@ def start_run(
             f"{folder.path} already holds a run",
             hint="resume it with MIPROv2.resume(dir), or choose an empty checkpoint_dir",
         )
-    write_json_atomic(folder.run_file, scrub_secrets(spec))
-    write_json_atomic(folder.data_file, data)
+    # Written now, made durable by the run's writer thread before its first snapshot:
+    # the two fsyncs would otherwise add ~15 ms to every optimize() call.
+    write_json_atomic(folder.run_file, scrub_secrets(spec), sync=False)
+    write_json_atomic(folder.data_file, data, sync=False)
     rec = RunRecorder(spec["run_id"], folder, None)
+    rec.make_durable(folder.run_file, folder.data_file)
     return _launch(rec, spec, data, objects, trusted_only=False)
 
 

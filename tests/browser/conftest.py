@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,8 +60,8 @@ def browser() -> Iterator[object]:
             b.close()
 
 
-@pytest.fixture
-def lab(browser, lab_server, request, tmp_path) -> Iterator[LabPage]:
+def _new_lab_page(browser, lab_server) -> LabPage:
+    """A page in a browser context of its own (its own cookies and storage: a new tab)."""
     context = browser.new_context(viewport={"width": 1440, "height": 900})
     context.set_default_timeout(30_000)
     page = context.new_page()
@@ -70,19 +70,52 @@ def lab(browser, lab_server, request, tmp_path) -> Iterator[LabPage]:
     page.on("pageerror", lambda err: console.append(f"pageerror: {err}"))
     lab_page = LabPage(page, lab_server)
     lab_page.console = console
+    return lab_page
+
+
+def _finish_lab_pages(
+    pages: list[LabPage], lab_server, request, tmp_path, suffix: str = ""
+) -> None:
+    """Leave a failed test's screenshots, consoles and server log; close the contexts."""
+    failed = getattr(request.node, "rep_call", None)
+    if pages and failed is not None and failed.failed:
+        out = ARTIFACTS or tmp_path
+        out.mkdir(parents=True, exist_ok=True)
+        for i, lab_page in enumerate(pages):
+            name = f"{request.node.name}{suffix}{i + 1 if suffix else ''}"
+            with contextlib.suppress(Exception):
+                lab_page.page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+            (out / f"{name}.console.txt").write_text("\n".join(lab_page.console))
+        (out / f"{request.node.name}.lab.log").write_text(lab_server.log())
+        print(f"browser artifacts for {request.node.name}: {out}")
+    for lab_page in pages:
+        with contextlib.suppress(Exception):
+            lab_page.page.context.close()
+
+
+@pytest.fixture
+def lab(browser, lab_server, request, tmp_path) -> Iterator[LabPage]:
+    lab_page = _new_lab_page(browser, lab_server)
     try:
         yield lab_page
     finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            out = ARTIFACTS or tmp_path
-            out.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(Exception):
-                page.screenshot(path=str(out / f"{request.node.name}.png"), full_page=True)
-            (out / f"{request.node.name}.console.txt").write_text("\n".join(console))
-            (out / f"{request.node.name}.lab.log").write_text(lab_server.log())
-            print(f"browser artifacts for {request.node.name}: {out}")
-        context.close()
+        _finish_lab_pages([lab_page], lab_server, request, tmp_path)
+
+
+@pytest.fixture
+def new_lab(browser, lab_server, request, tmp_path) -> Iterator[Callable[[], LabPage]]:
+    """Opens more pages on the same server, each in a new browser context (a tab closed and
+    opened again); a failed test leaves the artifacts of each, as `lab` does."""
+    pages: list[LabPage] = []
+
+    def open_page() -> LabPage:
+        pages.append(_new_lab_page(browser, lab_server))
+        return pages[-1]
+
+    try:
+        yield open_page
+    finally:
+        _finish_lab_pages(pages, lab_server, request, tmp_path, suffix=".new_lab")
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

@@ -317,3 +317,24 @@ class LabPage:
         path = SCREENSHOTS / name
         locator.screenshot(path=str(path))
         return path
+
+
+def optimize_cells(pool: str, trials: int, latency_s: float) -> list[str]:
+    """The cells that load the extension, start `pool` and start an offline MIPROv2 run stored
+    as `run`. The LM is SIMULATED (offline, deterministic: dspex_jupyter.testing), answering
+    after `latency_s` per call so the run lasts long enough to watch."""
+    return [
+        "%load_ext dspex_jupyter",
+        f"%dspex start {pool} --size 2",
+        "from dspex_jupyter.testing import arithmetic\n"
+        "task = arithmetic()\n"
+        "program, metric = task.make_program(), task.metric\n"
+        "trainset, valset = task.trainset, task.valset\n"
+        f"lm = task.lm(latency_s={latency_s})\n"
+        "COMPILE = dict(minibatch_size=10, max_bootstrapped_demos=2, max_labeled_demos=2,\n"
+        "               program_aware_proposer=False, data_aware_proposer=False,\n"
+        "               tip_aware_proposer=False, fewshot_aware_proposer=False)",
+        f"%dspex optimize --pool {pool} --program program --trainset trainset --valset valset "
+        f"--metric metric --lm lm --num-candidates 4 --num-trials {trials} --seed 0 "
+        "--compile-args COMPILE --name run",
+    ]

@@ -13,7 +13,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
-from .lab import LabPage
+from .lab import LabPage, optimize_cells
 
 pytestmark = pytest.mark.browser
 
@@ -21,20 +21,7 @@ POOL = "mipro"
 TRIALS = 40  # far more than the test waits for: it cancels the run
 
 CELLS = [
-    "%load_ext dspex_jupyter",
-    f"%dspex start {POOL} --size 2",
-    # A SIMULATED LM: offline, deterministic, slow enough (latency) to watch.
-    "from dspex_jupyter.testing import arithmetic\n"
-    "task = arithmetic()\n"
-    "program, metric = task.make_program(), task.metric\n"
-    "trainset, valset = task.trainset, task.valset\n"
-    "lm = task.lm(latency_s=0.5)\n"
-    "COMPILE = dict(minibatch_size=10, max_bootstrapped_demos=2, max_labeled_demos=2,\n"
-    "               program_aware_proposer=False, data_aware_proposer=False,\n"
-    "               tip_aware_proposer=False, fewshot_aware_proposer=False)",
-    f"%dspex optimize --pool {POOL} --program program --trainset trainset --valset valset "
-    f"--metric metric --lm lm --num-candidates 4 --num-trials {TRIALS} --seed 0 "
-    "--compile-args COMPILE --name run",
+    *optimize_cells(POOL, TRIALS, latency_s=0.5),
     f"%dspex stop {POOL}",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -108,6 +109,13 @@ def test_no_api_key_in_checkpoints_or_events(tmp_path):
     spec = _lm_spec(dspy.LM("openai/gpt-4o-mini", api_key=secret, temperature=0.5))
     assert secret not in json.dumps(spec) and spec["state"]["model"] == "openai/gpt-4o-mini"
     task = mh.task()
+    score = task.metric
+
+    def leaky_metric(example, prediction, trace=None):
+        print("the key is", os.environ["OPENAI_API_KEY"])  # lands in the run's log, masked
+        return score(example, prediction, trace)
+
+    task = dataclasses.replace(task, metric=leaky_metric)
     with PoolManager([PoolSpec("keyed", env_vars={"OPENAI_API_KEY": secret})]) as m:
         assert m["keyed"].call("os:getenv", "OPENAI_API_KEY") == secret
         run = start(m["keyed"], task, task.lm(), tmp_path / "run")
@@ -115,6 +123,32 @@ def test_no_api_key_in_checkpoints_or_events(tmp_path):
     for path in (tmp_path / "run").iterdir():
         assert secret not in path.read_text(), path.name
     assert secret not in json.dumps(run.events)
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "the key is [secret]" in log and "Bootstrapping set" in log
+
+
+def test_dspy_output_goes_to_the_run_log_not_the_kernel_output(manager, tmp_path):
+    """DSPy's logs and progress bars (from worker threads too) land in run.log; the
+    session's own cells still print to their cell."""
+    task = mh.task()
+    run = start(manager["mipro"], task, task.lm(), tmp_path / "run", num_threads=2)
+    run.result(timeout=120)
+    log = run.log_path
+    assert log == tmp_path / "run" / "run.log"
+    text = log.read_text()
+    assert "Average Metric" in text  # tqdm, written by the executor's worker threads
+    assert "INFO dspy.teleprompt.mipro_optimizer_v2" in text  # DSPy's logger
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    bootstrap = [
+        e["step"] for e in run.events if e["kind"] == "phase" and e["phase"] == "bootstrap"
+    ]
+    assert bootstrap[-1] == bootstrap[0] + len(bootstrap) - 1 > 1  # parsed from the log
+    pool = manager["mipro"]
+    with pool.session() as first, pool.session() as second:  # the run's kernel is one
+        assert run.session.pid in (first.pid, second.pid)
+        for session in (first, second):
+            result = session.execute("import sys; print(type(sys.stdout).__name__)", show=False)
+            assert result.stdout == "OutStream\n"  # ipykernel's own again, after the run
 
 
 def test_usage_is_the_same_with_threads(manager, tmp_path):
