@@ -20,7 +20,9 @@ from ..core.errors import DspexError
 from . import actions
 from .html_render import first_line
 
-NO_CHECKPOINT = "(no checkpoint yet)"
+NO_CHECKPOINT = "(no checkpoint to resume from)"
+# Resuming needs a stopped run, so the list is read once it stops (not at every trial).
+WHILE_RUNNING = "(listed once the run stops)"
 
 
 def checkpoint_label(row: dict[str, Any]) -> str:
@@ -59,7 +61,7 @@ class CheckpointControls(widgets.VBox):
             description="Resume", icon="play", tooltip="go on from the chosen checkpoint"
         )
         self.checkpoint_picker = widgets.Dropdown(
-            options=[(NO_CHECKPOINT, "")],
+            options=[(WHILE_RUNNING, "")],
             value="",
             description="from",
             layout=widgets.Layout(width="420px"),
@@ -118,6 +120,7 @@ class CheckpointControls(widgets.VBox):
         """Control another run (the one a resume started)."""
         self.run = run
         self._listed_for = None
+        self.checkpoint_picker.options = [(WHILE_RUNNING, "")]
         self.refresh()
 
     # ---- actions ----------------------------------------------------------------

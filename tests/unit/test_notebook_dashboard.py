@@ -196,6 +196,7 @@ def test_buttons_follow_the_run_status(run):
     controls = CheckpointControls(run)
     assert states(controls) == {"checkpoint": False, "cancel": False, "resume": True}
     assert controls.checkpoint_picker.disabled
+    assert controls.checkpoint_picker.options == (("(listed once the run stops)", ""),)
     run.finish("completed")
     controls.refresh()
     assert states(controls) == {"checkpoint": True, "cancel": True, "resume": True}
@@ -206,7 +207,7 @@ def test_resume_needs_a_valid_checkpoint(run):
     run.finish("cancelled")
     controls = CheckpointControls(run)
     assert states(controls) == {"checkpoint": True, "cancel": True, "resume": True}
-    assert controls.checkpoint_picker.options[0][0] == "(no checkpoint yet)"
+    assert controls.checkpoint_picker.options[0][0] == "(no checkpoint to resume from)"
 
     other = FakeRun("fake02")
     other.checkpoint_rows = [
