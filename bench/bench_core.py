@@ -43,11 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import leaked_processes, timed  # noqa: E402
+
 NOOP = "bench.noop:noop"
 perf = time.perf_counter
 MiB = 1024 * 1024
-# Processes that must not outlive the run.
-LEAK_MARKERS = ("ipykernel", "ipengine", "ipcontroller", "ipyparallel")
 
 
 # ---- statistics ---------------------------------------------------------------------
@@ -374,14 +374,6 @@ class Bench:
                         out.append(perf() - t0)
                     return out
 
-                def timed(fn: Callable[[], Any], n: int) -> list[float]:
-                    out = []
-                    for _ in range(n):
-                        t0 = perf()
-                        fn()
-                        out.append(perf() - t0)
-                    return out
-
                 simple: dict[str, Callable[[], Any]] = {
                     "call_pool": lambda: pool.call(NOOP),
                     "kernel_info_raw": kernel.kernel_info_raw,
@@ -549,23 +541,6 @@ def print_table(rows: list[Row]) -> None:
             f"{fmt(base.p90, base.unit) if base else '':>10} {ratio_text:>8}  "
             f"{row.target:<12} {row.verdict}"
         )
-
-
-def leaked_processes(grace: float = 10.0) -> list[psutil.Process]:
-    """Kernels, engines or controllers still running below this process after ``grace``."""
-    deadline = time.monotonic() + grace
-    while True:
-        found = []
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                cmdline = " ".join(proc.cmdline())
-            except psutil.Error:
-                continue
-            if any(marker in cmdline for marker in LEAK_MARKERS):
-                found.append(proc)
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import leaked_processes  # noqa: E402
 from dspex_jupyter import PoolManager, PoolSpec  # noqa: E402
 
 IDENTITY = "bench.exchange_helpers:identity"
@@ -53,7 +54,6 @@ JSON_IDENTITY = "bench.exchange_helpers:json_identity"
 MB = 1_000_000
 TARGET_SIZE = 100
 TARGET_MBPS, TARGET_VS_IPP, TARGET_VS_JSON = 1000.0, 10.0, 20.0
-LEAK_MARKERS = ("ipykernel", "ipengine", "ipcontroller")
 perf = time.perf_counter
 
 
@@ -162,21 +162,6 @@ def start_cluster(tmp: Path) -> tuple[Any, Any]:
     view = client[0]
     view.push({"warm": pa.table({"a": [1]})}, block=True)
     return cluster, view
-
-
-def leaked_processes(grace: float = 10.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + grace
-    while True:
-        found = []
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if any(m in " ".join(proc.cmdline()) for m in LEAK_MARKERS):
-                    found.append(proc)
-            except psutil.Error:
-                continue
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
 
 
 # ---- report ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 import dspy  # noqa: E402
 
+from bench.common import print_table  # noqa: E402
 from dspex_jupyter import MIPROv2, PoolManager, PoolSpec  # noqa: E402
 from dspex_jupyter.testing import arithmetic  # noqa: E402
 from dspex_jupyter.testing.mipro_settings import quick_settings  # noqa: E402
@@ -166,9 +167,7 @@ def main() -> int:
         ("resume() to next trial", f"{resume * 1000:.0f} ms", "", "", "", "info", ""),
     ]
     header = ("benchmark", "dspex", "baseline", "value", "ratio", "target", "")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(header, rows)
     return 0
 
 

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from jupyter_client import KernelManager  # noqa: E402
 
+from bench.common import print_table  # noqa: E402
 from dspex_jupyter import PoolManager, PoolSpec  # noqa: E402
 
 NAIVE_SENDER = """
@@ -137,9 +138,7 @@ def main() -> int:
         ),
     ]
     header = ("benchmark", "value", "detail", "baseline", "value", "detail", "ratio", "target", "")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    print_table(header, rows)
     return 0
 
 

@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import timed  # noqa: E402
+
 perf = time.perf_counter
 NOOP = "bench.noop:noop"
 ECHO_TARGET = """
@@ -51,15 +53,6 @@ get_ipython().kernel.comm_manager.register_target("echo", _echo_open)
 
 def us(samples: list[float]) -> str:
     return f"{statistics.median(samples) * 1e6:8.1f} us"
-
-
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = perf()
-        fn()
-        out.append(perf() - t0)
-    return out
 
 
 class RawComm:
@@ -156,10 +149,11 @@ def ab_experiments(
         *,
         session: str | None = None,
         timeout: float | None = None,
+        **rest: Any,  # outgoing, decode: a no-op call sends no exchange file
     ) -> Any:
-        if timeout is not None:
+        if timeout is not None or not rest.get("decode", True):
             return await original_run_op(
-                worker, op, args, buffers, session=session, timeout=timeout
+                worker, op, args, buffers, session=session, timeout=timeout, **rest
             )
         result, reply_buffers = await worker.request(op, args, session=session, buffers=buffers)
         worker.calls_served += 1
