@@ -16,7 +16,7 @@ from ..core.gpu import gpu_memory, kernel_memory_rows, kernel_refs
 from ..core.spec import format_bytes
 from .html_render import html_table, usage_bar
 from .snapshot import pool_health
-from .timers import PeriodicRefresh
+from .timers import PeriodicRefresh, RefreshedWhileShown
 
 if TYPE_CHECKING:
     from ..core.manager import PoolManager
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 REFRESH_INTERVAL_S = 2.0
 
 
-class GpuMemoryWidget(widgets.VBox):
+class GpuMemoryWidget(RefreshedWhileShown, widgets.VBox):
     """Used/total memory per GPU and per pool kernel (or kernel RSS when there is no GPU)."""
 
     def __init__(
@@ -97,11 +97,3 @@ class GpuMemoryWidget(widgets.VBox):
             table,
             css_class="dspex-kernel-memory",
         )
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        self.timer.start()  # refresh on its own while displayed
-        return super()._repr_mimebundle_(**kwargs)
-
-    def close(self) -> None:
-        self.timer.stop()
-        super().close()

@@ -35,6 +35,20 @@ CELL_COMMANDS = ("run", "session")
 DEFAULT_RUN_NAME = "run"
 
 
+# Shared by every magic that waits for a free kernel of a pool.
+WAIT_ARGUMENT = argument(
+    "--wait", type=float, default=60.0, metavar="SECONDS", help="seconds to wait for a free kernel"
+)
+
+
+def run_output_arguments(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--name`` and ``--no-display``, for the magics that start a run."""
+    func = argument("--no-display", action="store_true", help="do not show the dashboard")(func)
+    return argument("--name", help=f"variable to store the run in (default {DEFAULT_RUN_NAME!r})")(
+        func
+    )
+
+
 def format_error(exc: BaseException, command: str = "") -> str:
     """One line saying what went wrong, its hint, and the remote traceback if any."""
     if isinstance(exc, UsageError):
@@ -333,13 +347,7 @@ class DspexMagics(Magics):
     # ---- code in pool kernels -----------------------------------------------------
     @magic_arguments("dspex run")
     @argument("pool", help="the pool whose kernel runs the cell")
-    @argument(
-        "--wait",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds to wait for a free kernel",
-    )
+    @WAIT_ARGUMENT
     @argument(
         "--timeout", type=float, metavar="SECONDS", help="seconds before the code is interrupted"
     )
@@ -353,13 +361,7 @@ class DspexMagics(Magics):
     @magic_arguments("dspex session")
     @argument("name", help="the session's name in this notebook")
     @argument("--pool", help="open it on this pool (if it is not open yet)")
-    @argument(
-        "--wait",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds to wait for a free kernel",
-    )
+    @WAIT_ARGUMENT
     @argument(
         "--timeout",
         type=float,
@@ -438,15 +440,8 @@ class DspexMagics(Magics):
         "--compile-args", metavar="VAR", help="variable holding a dict of compile(...) arguments"
     )
     @argument("--checkpoint-dir", help="where checkpoints go (default ./dspex-runs/RUN_ID)")
-    @argument(
-        "--wait",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds to wait for a free kernel",
-    )
-    @argument("--name", help=f"variable to store the run in (default {DEFAULT_RUN_NAME!r})")
-    @argument("--no-display", action="store_true", help="do not show the dashboard")
+    @WAIT_ARGUMENT
+    @run_output_arguments
     def _cmd_optimize(self, line: str, cell: str | None) -> None:
         """Start a MIPROv2 run in a session of --pool; show its live dashboard."""
         args = parse_argstring(self._cmd_optimize, line)
@@ -525,15 +520,8 @@ class DspexMagics(Magics):
     @argument("--lm", help="variable holding the task LM")
     @argument("--prompt-lm", help="variable holding the prompt LM")
     @argument("--snapshot", help="resume from this checkpoint file (default: the newest)")
-    @argument(
-        "--wait",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="seconds to wait for a free kernel",
-    )
-    @argument("--name", help=f"variable to store the run in (default {DEFAULT_RUN_NAME!r})")
-    @argument("--no-display", action="store_true", help="do not show the dashboard")
+    @WAIT_ARGUMENT
+    @run_output_arguments
     def _cmd_resume(self, line: str, cell: str | None) -> None:
         """Go on with a stopped run from its checkpoint folder, in a new session."""
         args = parse_argstring(self._cmd_resume, line)

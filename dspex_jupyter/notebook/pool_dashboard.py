@@ -18,7 +18,7 @@ from ..core.errors import DspexError
 from . import actions
 from .html_render import first_line, format_duration, html_table, usage_bar
 from .snapshot import snapshot
-from .timers import PeriodicRefresh
+from .timers import PeriodicRefresh, RefreshedWhileShown
 
 if TYPE_CHECKING:
     from ..core.manager import PoolManager
@@ -60,7 +60,7 @@ def pools_html(state: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-class PoolDashboard(widgets.VBox):
+class PoolDashboard(RefreshedWhileShown, widgets.VBox):
     """A live table of every running pool, with kernel and session actions."""
 
     def __init__(
@@ -161,11 +161,3 @@ class PoolDashboard(widgets.VBox):
             raise DspexError("no session chosen")
         pool, session = self.session_picker.value
         return actions.release_session(pool, session)
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        self.timer.start()  # refresh on its own while displayed
-        return super()._repr_mimebundle_(**kwargs)
-
-    def close(self) -> None:
-        self.timer.stop()
-        super().close()

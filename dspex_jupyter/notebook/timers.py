@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger("dspex_jupyter.notebook")
 
@@ -138,3 +139,18 @@ class PeriodicRefresh:
                 self._refresh()
             except Exception:
                 logger.exception("dspex periodic refresh failed")
+
+
+class RefreshedWhileShown:
+    """Mixin for a widget whose ``timer`` (a ``PeriodicRefresh``) should run while it is
+    displayed: started by the display, stopped by ``close()``."""
+
+    timer: PeriodicRefresh
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.timer.start()
+        return super()._repr_mimebundle_(**kwargs)
+
+    def close(self) -> None:
+        self.timer.stop()
+        super().close()
