@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import leaked_processes, timed  # noqa: E402
+from bench.common import leaked_processes, percentile, timed  # noqa: E402
 
 NOOP = "bench.noop:noop"
 perf = time.perf_counter
@@ -51,17 +51,6 @@ MiB = 1024 * 1024
 
 
 # ---- statistics ---------------------------------------------------------------------
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation between closest ranks."""
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    rank = (len(ordered) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 @dataclass
 class Stat:
     name: str

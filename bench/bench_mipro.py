@@ -19,7 +19,6 @@ LM (real ones take 0.3-3 s a call; the default 10 ms is a harsh case for overhea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import dspy  # noqa: E402
 
-from bench.common import print_table  # noqa: E402
+from bench.common import mipro_in_process, print_table  # noqa: E402
 from dspex_jupyter import MIPROv2, PoolManager, PoolSpec  # noqa: E402
 from dspex_jupyter.testing import arithmetic  # noqa: E402
 from dspex_jupyter.testing.mipro_settings import quick_settings  # noqa: E402
@@ -40,20 +39,6 @@ from dspex_jupyter.testing.mipro_settings import quick_settings  # noqa: E402
 OPTIONS, COMPILE = quick_settings()
 OPTIONS["num_threads"] = 1
 COMPILE["num_trials"] = 10
-
-
-def in_process(task, lm, log: Path) -> float:
-    """Upstream's compile here, printing to a log file as the session's run does (to the
-    terminal it would depend on the terminal; into a notebook cell it is slower still)."""
-    with open(log, "a") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        start = time.perf_counter()
-        optimizer = dspy.teleprompt.MIPROv2(
-            metric=task.metric, prompt_model=lm, task_model=lm, verbose=False, **OPTIONS
-        )
-        optimizer.compile(
-            task.make_program(), trainset=task.trainset, valset=task.valset, **COMPILE
-        )
-        return time.perf_counter() - start
 
 
 def in_kernel(pool, task, lm, folder: Path):
@@ -122,11 +107,11 @@ def main() -> int:
         pool.warmup(["dspy", "optuna", "dspex_jupyter.runtime.mipro", "dspex_jupyter.testing"])
         # One untimed run each first: both sides then run warm (lazy imports, pydantic's
         # schema caches, the kernel's first thread start), and the timed runs alternate.
-        in_process(task, lm, Path(tmp) / "in-process.log")
+        mipro_in_process(task, lm, Path(tmp) / "in-process.log", OPTIONS, COMPILE)
         in_kernel(pool, task, lm, Path(tmp) / "warmup")
         base, ours, overheads, writes = [], [], [], []
         for i in range(repeats):
-            base.append(in_process(task, lm, Path(tmp) / "in-process.log"))
+            base.append(mipro_in_process(task, lm, Path(tmp) / "in-process.log", OPTIONS, COMPILE))
             seconds, run = in_kernel(pool, task, lm, Path(tmp) / f"run{i}")
             ours.append(seconds)
             print(f"  run {i + 1}: in-process {base[-1]:.3f} s, dspex {seconds:.3f} s", flush=True)

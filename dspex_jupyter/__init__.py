@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .core import errors as _errors
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -24,25 +26,20 @@ _LAZY = {
     "MIPROv2": "dspex_jupyter.optimizers.mipro",
     "OptimizationRun": "dspex_jupyter.optimizers.mipro",
     "OptimizedModule": "dspex_jupyter.optimizers.mipro",
+    "RecoveryPolicy": "dspex_jupyter.core.recovery",
     "CheckpointError": "dspex_jupyter.checkpoint",
+    "UntrustedCheckpointError": "dspex_jupyter.checkpoint",
+    "ForbiddenReferenceError": "dspex_jupyter.checkpoint",
+    "RunCancelled": "dspex_jupyter.optimizers.mipro",
+    "RunFailed": "dspex_jupyter.optimizers.mipro",
+    "DspyVersionError": "dspex_jupyter.runtime.dspy_support",
 }
-_ERRORS = (
-    "DspexError",
-    "RemoteError",
-    "DependencyMissing",
-    "KernelDied",
-    "SessionKernelLost",
-    "SessionClosed",
-    "PoolExhausted",
-    "PoolStartError",
-    "CallTimeout",
-    "InvalidSpec",
-    "EnvError",
-    "EnvironmentNotFound",
-    "RuntimeNotInstalled",
-    "ProtocolMismatch",
-    "PoolNotFound",
-    "PoolClosed",
+# Every error class of core/errors.py (standard library only, so cheap to import even in
+# a kernel): one appended there is exported without a second list to keep in step.
+_ERRORS = tuple(
+    name
+    for name, obj in vars(_errors).items()
+    if isinstance(obj, type) and issubclass(obj, _errors.DspexError)
 )
 
 
@@ -50,7 +47,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _ERRORS:
-        return getattr(importlib.import_module("dspex_jupyter.core.errors"), name)
+        return getattr(_errors, name)
     raise AttributeError(f"module 'dspex_jupyter' has no attribute {name!r}")
 
 

@@ -1,6 +1,7 @@
 """The ``dspex`` command.
 
 ``dspex env create|list|remove|rebuild`` manages the environments pool kernels run in.
+``dspex trust PATH`` signs a checkpoint folder or manifest someone else wrote.
 Each command group adds its own subparsers (see ``_add_env_commands``) and sets
 ``handler`` on its leaf parsers, so later groups (``dspex pools`` ...) plug in the same
 way. Progress goes to stderr, results to stdout; a dspex error prints ``error: ...`` with
@@ -194,6 +195,44 @@ def _add_env_commands(
 
 
 # --------------------------------------------------------------------------------------
+# dspex trust PATH
+
+
+def _trust(args: argparse.Namespace) -> int:
+    from .trust import describe, trust
+
+    kind, lines = describe(args.path)
+    print(f"{args.path} is a dspex {kind}; it names:")
+    for line in lines or ["(nothing)"]:
+        print(f"  {line}")
+    if args.show:
+        return 0
+    trust(args.path, home=_home(args))
+    print(f"signed {args.path} with this user's key: dspex will now load what it names")
+    return 0
+
+
+def _add_trust_command(
+    commands: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    command = commands.add_parser(
+        "trust",
+        parents=[common],
+        help="trust a checkpoint folder or manifest that someone else wrote",
+        description="Sign a run's checkpoint folder (its run.json and data.json) or a "
+        "shutdown manifest with your dspex key (HOME/signing.key), after printing what it "
+        "names: the program, metric and LM classes a resume imports, or the Python, "
+        "start-up code and runs a restore starts. dspex signs what it writes itself; a "
+        "file signed by another key (another user, another DSPEX_HOME) or changed since is "
+        "only read as data until you trust it. Trusted checkpoints still import only from "
+        "DSPy, dspex_jupyter.testing and the modules in $DSPEX_TRUSTED_MODULES.",
+    )
+    command.add_argument("path", metavar="PATH", help="a checkpoint folder or manifest file")
+    command.add_argument("--show", action="store_true", help="print what it names; do not sign it")
+    command.set_defaults(handler=_trust)
+
+
+# --------------------------------------------------------------------------------------
 # Top level
 
 
@@ -230,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dspex {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_env_commands(commands, common)
+    _add_trust_command(commands, common)
     return parser
 
 

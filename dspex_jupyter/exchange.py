@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
+from .core.errors import DspexError
 
 INLINE_MAX = 1_000_000
 FILE_MAX = 100_000_000
@@ -79,9 +80,14 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-class ExchangeError(ValueError):
+class ExchangeError(DspexError, ValueError):
     """A value could not be exchanged: a malformed descriptor, or an exchange file that
     is missing, outside the exchange folder, unsafe or corrupt."""
+
+    hint = (
+        "send the value again; if it keeps failing, check the exchange folder (its owner, "
+        "mode 0700 and free space) or pass ExchangeConfig(shared_memory=False)"
+    )
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,7 @@ def _splittable(value: Any, config: ExchangeConfig) -> bool:
     if cls is dict:
         return (
             0 < len(value) <= CONTAINER_MAX
-            and all(type(k) is str for k in value)
+            and all(type(k) is str and protocol.is_json_native(k) for k in value)
             and any(_bulky(v, config) for v in value.values())
         )
     if cls is list or cls is tuple:
@@ -303,10 +309,30 @@ def encode_call(
     others together, as ``[args, kwargs]`` was before tiers (JSON, or one pickle)."""
     config = config or MESSAGE_ONLY
     values = [*args, *kwargs.values()]
-    if not any(_bulky(v, config) for v in values):
-        return _encode_plain([list(args), dict(kwargs)], buffers)
-    split = _encode_split(values, buffers, config, files)
+    try:
+        if not any(_bulky(v, config) for v in values):
+            return _encode_plain([list(args), dict(kwargs)], buffers)
+        split = _encode_split(values, buffers, config, files)
+    except protocol.SerializationError as exc:
+        named = _argument_error(args, kwargs)
+        if named is None:
+            raise
+        raise named from exc
     return {"enc": "args", "nargs": len(args), "keys": list(kwargs), **split}
+
+
+def _argument_error(
+    args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]
+) -> protocol.SerializationError | None:
+    """The error of the first argument that cannot be sent, named as the caller wrote it."""
+    named = [(f"argument {i + 1}", v) for i, v in enumerate(args)]
+    named += [(f"keyword argument {k!r}", v) for k, v in kwargs.items()]
+    for name, value in named:
+        try:
+            protocol.pickle_value(value)
+        except protocol.SerializationError as exc:
+            return protocol.SerializationError(f"{name} of the call: {exc.args[0]}")
+    return None
 
 
 def encode_items(
@@ -522,7 +548,10 @@ def _column_ok(column: list[Any]) -> bool:
 def _records_to_table(pa: Any, rows: list[Any]) -> Any:
     """A list of dicts with the same string keys and one type per key, as a Table."""
     first = rows[0]
-    if type(first) is not dict or not all(type(k) is str for k in first):
+    # Keys become column names: strings a message can carry (no lone surrogates).
+    if type(first) is not dict or not all(
+        type(k) is str and protocol.is_json_native(k) for k in first
+    ):
         return None
     keys = first.keys()
     if not all(type(r) is dict and r.keys() == keys for r in rows):
@@ -578,7 +607,7 @@ def _dataframe_to_table(pa: Any, df: Any) -> tuple[Any, dict[str, Any]] | None:
         table = pa.Table.from_pandas(df, preserve_index=None)
         # Dtypes that pandas would not give back: checked on an empty copy, cheaply.
         empty = pa.Table.from_pandas(df.iloc[:0], preserve_index=None).to_pandas()
-    except (pa.ArrowException, TypeError, ValueError):
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):  # int beyond int64
         return None
     for name, dtype in df.dtypes.items():
         if not _is_object(dtype) and empty[name].dtype != dtype:
@@ -692,8 +721,9 @@ def _file_path(name: Any, config: ExchangeConfig) -> str:
     return os.path.join(config.folder, name)
 
 
-def _take_file(name: Any, config: ExchangeConfig, access: int) -> mmap.mmap:
-    """Map an exchange file and unlink it: the receiver has it, the folder is clean."""
+def _open_file(name: Any, config: ExchangeConfig) -> tuple[int, int]:
+    """Open an exchange file (this user's private regular file, or refused) and unlink it:
+    the receiver has it, the folder is clean. Returns the descriptor and the size."""
     path = _file_path(name, config)
     try:
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
@@ -713,12 +743,57 @@ def _take_file(name: Any, config: ExchangeConfig, access: int) -> mmap.mmap:
             raise ExchangeError(f"exchange file {path} is readable by other users; refused")
         if info.st_size == 0:
             raise ExchangeError(f"exchange file {path} is empty (corrupt or truncated)")
-        mapping = mmap.mmap(fd, info.st_size, access=access)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        _unlink(path)
+    return fd, info.st_size
+
+
+def _take_file(name: Any, config: ExchangeConfig, access: int) -> mmap.mmap:
+    """Map an exchange file (and unlink it)."""
+    fd, size = _open_file(name, config)
+    try:
+        mapping = mmap.mmap(fd, size, access=access)
     finally:
         os.close(fd)
-        _unlink(path)
     _release_later(mapping)
     return mapping
+
+
+def _pread_exactly(fd: int, nbytes: int, offset: int) -> bytes:
+    chunks = []
+    while nbytes > 0:
+        chunk = os.pread(fd, nbytes, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        nbytes -= len(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _read_raw_file(name: Any, config: ExchangeConfig, desc: dict[str, Any]) -> Any:
+    """bytes, bytearray and str from a raw exchange file, read with pread(2). Copying them
+    out of a mapping instead page-faults 100 MB while holding the GIL, which stalls every
+    other thread of the process (the manager's loop included) for the whole copy; the
+    kernel releases the GIL during a read. Arrays stay zero-copy mappings."""
+    fd, size = _open_file(name, config)
+    try:
+        prefix = _pread_exactly(fd, 12, 0)
+        head_len = int.from_bytes(prefix[8:12], "little") if len(prefix) == 12 else 0
+        head = prefix + _pread_exactly(fd, min(head_len, max(size - 12, 0)), 12)
+        offset = _raw_file_offset(head, size, desc, name)
+        data = _pread_exactly(fd, desc["nbytes"], offset)
+    finally:
+        os.close(fd)
+    if len(data) != desc["nbytes"]:
+        raise ExchangeError(f"exchange file {name} is truncated")
+    kind = desc["type"]
+    if kind == "str":
+        return str(data, "utf-8", "surrogatepass")
+    return data if kind == "bytes" else bytearray(data)
 
 
 def _release_later(mapping: mmap.mmap) -> None:
@@ -798,12 +873,14 @@ def _decode_raw(desc: dict[str, Any], buffers: list[Any], config: ExchangeConfig
         # Arrays from a read-only message buffer are copied, so the caller may write them.
         return _raw_value(desc, dtype, buf, 0, copy=buf.readonly)
     name = desc["file"]
+    if dtype is None and not str(name).endswith(".arrow"):  # the name is checked there
+        return _read_raw_file(name, config, desc)
     # Copy-on-write mapping: arrays come back writable and still zero-copy.
     mm = _take_file(name, config, mmap.ACCESS_COPY)
     if name.endswith(".arrow"):
         offset = _arrow_raw_offset(mm, desc, name)
     else:
-        offset = _raw_file_offset(mm, desc, name)
+        offset = _raw_file_offset(mm, len(mm), desc, name)
     if len(mm) < offset + nbytes:
         raise ExchangeError(f"exchange file {name} is truncated")
     value = _raw_value(desc, dtype, mm, offset, copy=False)
@@ -813,20 +890,21 @@ def _decode_raw(desc: dict[str, Any], buffers: list[Any], config: ExchangeConfig
     return value
 
 
-def _raw_file_offset(mm: mmap.mmap, desc: dict[str, Any], name: str) -> int:
-    """Check a raw file's magic and JSON header against the descriptor."""
-    if len(mm) < 12 or mm[:8] != RAW_MAGIC:
+def _raw_file_offset(head: Any, size: int, desc: dict[str, Any], name: str) -> int:
+    """Check a raw file's magic and JSON header (``head``: the file's first bytes, at least
+    up to the header's end) against the descriptor; where the value starts."""
+    if size < 12 or len(head) < 12 or head[:8] != RAW_MAGIC:
         raise ExchangeError(f"exchange file {name} is corrupt (not a dspex raw file)")
-    head_len = int.from_bytes(mm[8:12], "little")
+    head_len = int.from_bytes(head[8:12], "little")
     try:
-        header = json.loads(mm[12 : 12 + head_len])
+        header = json.loads(head[12 : 12 + head_len])
     except ValueError:
         raise ExchangeError(f"exchange file {name} is corrupt (bad header)") from None
     if header != _raw_header(desc):
         raise ExchangeError(f"exchange file {name} does not hold the value described")
     offset = 12 + head_len
     offset += -offset % _ALIGN
-    if len(mm) != offset + desc["nbytes"]:
+    if size != offset + desc["nbytes"]:
         raise ExchangeError(f"exchange file {name} is corrupt (wrong size, truncated?)")
     return offset
 

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import math
 import pickle
+import reprlib
 import traceback as _traceback
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+# Standard library only, like this module: both sides raise the same error types.
+from .core.errors import DspexError, InvalidFunction, SerializationError
 
 # 2: values in exchange tiers (args/seq/dict/ndarray/arrow descriptors), configure_exchange.
 PROTOCOL_VERSION = 2
@@ -34,9 +38,13 @@ KIND_UNKNOWN_OP = "unknown_op"
 KIND_VERSION = "version"
 KIND_REMOTE = "remote"
 
-_JSON_SCALARS = (str, int, bool, type(None))
 # Above this many nested items the JSON check costs more than pickling outright.
 _JSON_CHECK_BUDGET = 2_000
+# Deeper JSON than this pickles (JSON parsers, orjson included, limit nesting).
+_JSON_MAX_DEPTH = 100
+# jupyter_client parses messages with orjson when it is installed, which reads integers
+# past 64 bits as floats: such integers travel pickled (exact) instead.
+_INT64_MIN, _INT64_END = -(2**63), 2**63
 
 
 class ProtocolError(Exception):
@@ -135,39 +143,62 @@ def error_from_exception(
 ) -> dict[str, Any]:
     etype = type(exc)
     details: dict[str, Any] = {}
+    message = str(exc)
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         details["missing_module"] = exc.name
+    if isinstance(exc, DspexError):
+        message = str(exc.args[0]) if exc.args else ""
+        if exc.hint != type(exc).hint:  # a raise site's own hint becomes the client's hint
+            details["hint"] = exc.hint
     return make_error(
         req_id,
         kind,
         etype.__qualname__,
-        str(exc),
+        message,
         module=etype.__module__,
         traceback=_traceback.format_exception(etype, exc, exc.__traceback__),
         details=details,
     )
 
 
+def _json_str(text: str) -> bool:
+    """Whether a message can carry ``text``: lone surrogates cannot be UTF-8 encoded."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_json_native(value: Any) -> bool:
-    """True when ``value`` survives a JSON round trip unchanged (exact types, finite floats)."""
+    """True when ``value`` survives a message's JSON round trip unchanged: exact types,
+    finite floats, integers within 64 bits, strings UTF-8 can encode, bounded nesting."""
     budget = [_JSON_CHECK_BUDGET]
 
-    def check(v: Any) -> bool:
+    def check(v: Any, depth: int) -> bool:
         budget[0] -= 1
-        if budget[0] < 0:
+        if budget[0] < 0 or depth > _JSON_MAX_DEPTH:
             return False
         t = type(v)
-        if t in _JSON_SCALARS:
+        if t is str:
+            return _json_str(v)
+        if t is bool or v is None:
             return True
+        if t is int:
+            return _INT64_MIN <= v < _INT64_END
         if t is float:
             return math.isfinite(v)
         if t is list:
-            return all(check(x) for x in v)
+            return all(check(x, depth + 1) for x in v)
         if t is dict:
-            return all(type(k) is str and check(x) for k, x in v.items())
+            return all(
+                type(k) is str and _json_str(k) and check(x, depth + 1) for k, x in v.items()
+            )
         return False
 
-    return check(value)
+    return check(value, 0)
 
 
 def encode_value(value: Any, buffers: list[bytes]) -> dict[str, Any]:
@@ -183,22 +214,70 @@ def encode_value(value: Any, buffers: list[bytes]) -> dict[str, Any]:
     return {"enc": "pickle", "buf": len(buffers) - 1}
 
 
-class SerializationError(TypeError):
-    """A value that cannot travel to or from a kernel."""
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 40, 40
+
+
+def describe_value(value: Any) -> str:
+    """A short name for ``value`` in an error: its type and the start of its repr
+    (bounded in length and depth, so any value can be named)."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except Exception:
+        text = "<no repr>"
+    return f"{type(value).__qualname__} {text}"
 
 
 def pickle_value(value: Any) -> bytes:
-    """cloudpickle, with an error that says what to send instead."""
+    """cloudpickle, with an error that names the value (its hint: what to send instead)."""
     import cloudpickle
 
     try:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
+        where, part = _culprit(value, cloudpickle.dumps)
+        inside = f"; the part that fails is {where}: {describe_value(part)}" if where else ""
         raise SerializationError(
-            f"a value cannot be sent to or from a kernel ({exc}). Send data "
-            "(JSON values, bytes, arrays, tables, dspy.Examples), or refer to objects by "
-            "import path ('package.module:name') and build them in the kernel"
+            f"a value cannot be sent to or from a kernel ({exc}): {describe_value(value)}{inside}"
         ) from exc
+
+
+def _culprit(value: Any, dumps: Any, path: str = "", depth: int = 0) -> tuple[str, Any]:
+    """The path (``['key'][2]``) and value of the innermost part of a container that fails
+    to pickle, looked for only after pickling failed (a few levels, a few items each)."""
+    if depth >= 4:
+        return path, value
+    if type(value) is dict:
+        items: list[tuple[str, Any]] = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif type(value) in (list, tuple):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    else:
+        return path, value
+    for step, item in items[:100]:
+        try:
+            dumps(item)
+        except RecursionError:
+            return path, value
+        except Exception:
+            return _culprit(item, dumps, path + step, depth + 1)
+    return path, value
+
+
+def encode_function(func: Any, buffers: list[bytes]) -> dict[str, Any]:
+    """A function travels by import path (``"pkg.mod:func"``) or, if defined in the
+    notebook, by value (cloudpickle: trusted code only, as with ipyparallel)."""
+    if isinstance(func, str):
+        module, sep, name = func.partition(":")
+        if not sep or not module or not name:
+            raise InvalidFunction(
+                f"function reference {func!r} must look like 'package.module:function'"
+            )
+        return {"ref": func}
+    if callable(func):
+        return encode_value(func, buffers)
+    raise InvalidFunction(
+        f"expected a callable or a 'module:function' string, got {describe_value(func)}"
+    )
 
 
 def decode_value(desc: Any, buffers: list[Any]) -> Any:

@@ -26,3 +26,23 @@ def _private_dspex_home(tmp_path_factory, monkeypatch):
     ):
         monkeypatch.setenv("DSPEX_HOME", str(tmp_path_factory.mktemp("dspex-home")))
     yield
+
+
+# The loopback SIMULATED LM server fixture (lm_server), for tests of LMs over real HTTP.
+pytest_plugins = ["tests.integration.lm_fixtures"]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_dspex_home():
+    """Module- and session-scoped fixtures run before the per-test home above is set, and
+    dspex writes there too (its signing key): they get a private home of their own, outside
+    pytest's temp folder so that each test still gets a fresh one."""
+    import shutil
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="dspex-session-home-")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DSPEX_HOME", home)
+    yield
+    patch.undo()
+    shutil.rmtree(home, ignore_errors=True)

@@ -1,6 +1,10 @@
 """Every error dspex raises, in one hierarchy, and the table that classifies remote ones.
 
-Each error says what happened and, in ``hint``, what to do next.
+Each error says what happened and, in ``hint``, what to do next: every class has a
+default hint, which a raise site may replace with a more precise one.
+
+Standard library only: the kernel side imports it too (checkpoint, wire-format and
+exchange errors are ``DspexError``s on both sides).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 class DspexError(Exception):
     """Base of every dspex error."""
 
-    hint: str = ""
+    hint: str = "the message says what went wrong; README.md's Errors section lists each error"
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -28,45 +32,70 @@ class DspexError(Exception):
 class InvalidSpec(DspexError, ValueError):
     """A pool spec, memory size or configuration file is wrong."""
 
+    hint = "fix the setting the message names (README.md: pool specs and dspex.toml)"
+
 
 class EnvError(DspexError):
     """Creating, finding or removing an environment failed."""
+
+    hint = "`dspex env list` shows the environments and their state"
 
 
 class EnvironmentNotFound(EnvError, LookupError):
     """No dspex environment of that name."""
 
+    hint = "create it with `dspex env create NAME`, or pick one from `dspex env list`"
+
 
 class RuntimeNotInstalled(DspexError):
     """The kernel's Python cannot import dspex_jupyter's kernel-side runtime."""
+
+    hint = "install dspex-jupyter (the notebook's version) into the pool's environment"
 
 
 class ProtocolMismatch(DspexError):
     """The kernel's runtime speaks another protocol version."""
 
+    hint = "install the same dspex-jupyter version in the notebook and in the pool's environment"
+
 
 class PoolNotFound(DspexError, LookupError):
     """No pool of that name in this manager."""
+
+    hint = "start it first: manager.start(PoolSpec(NAME, ...)) or %dspex start NAME"
 
 
 class PoolStartError(DspexError):
     """A pool's kernels could not be started, warmed up or initialised."""
 
+    hint = (
+        "the message holds the kernel's error: check that the pool's environment can import "
+        "dspex_jupyter and its warm-up modules, and that its start-up code runs"
+    )
+
 
 class PoolClosed(DspexError):
     """The pool or its manager has been shut down."""
+
+    hint = "start the pool again: manager.start(...) or %dspex start NAME"
 
 
 class PoolExhausted(DspexError, TimeoutError):
     """Every kernel of the pool stayed taken for the whole timeout."""
 
+    hint = "release sessions you no longer need, wait longer (timeout=), or raise the pool's size"
+
 
 class CallTimeout(DspexError, TimeoutError):
     """A call did not answer within its timeout (the kernel was interrupted)."""
 
+    hint = "raise the timeout (call_timeout=) or give the call less work"
+
 
 class SessionClosed(DspexError):
     """The session was released; open a new one."""
+
+    hint = "open a new session with pool.session()"
 
 
 @dataclass
@@ -82,8 +111,10 @@ class Where:
 class KernelDied(DspexError):
     """A pool kernel died while it was working for the caller."""
 
+    hint = "the pool replaces the kernel; retry the call"
+
     def __init__(self, message: str, *, where: Where | None = None, hint: str = "") -> None:
-        super().__init__(message, hint=hint or "the pool replaces the kernel; retry the call")
+        super().__init__(message, hint=hint)
         self.where = where or Where()
 
 
@@ -95,6 +126,8 @@ class SessionKernelLost(KernelDied):
 
 class RemoteError(DspexError):
     """An exception raised by code running in a pool kernel, with its remote traceback."""
+
+    hint = "the remote traceback shows where the code that ran in the kernel failed"
 
     def __init__(
         self,
@@ -138,6 +171,8 @@ class RemoteError(DspexError):
 class DependencyMissing(RemoteError):
     """A module the remote code imports is not installed in the pool's environment."""
 
+    hint = "install the missing package into the pool's environment"
+
     @property
     def package(self) -> str:
         return self.details.get("package", "")
@@ -150,23 +185,59 @@ class DependencyMissing(RemoteError):
 class GpuOutOfMemory(RemoteError):
     """The GPU (or, standing in for it, torch on the CPU) ran out of memory."""
 
+    hint = "clear the GPU cache (pool.clear_gpu_cache()) and retry with a smaller batch"
+
 
 class ModelNotFound(RemoteError):
     """A model's weights or files could not be found (no download happens offline)."""
+
+    hint = "install the package that ships the model, or point the code at a local copy"
 
 
 class OptimizationDiverged(RemoteError):
     """Every recent trial scored zero (or none scored): the search is going nowhere."""
 
+    hint = "check the metric on a few examples, raise num_candidates, or use another task LM"
+
 
 class InvalidCheckpoint(RemoteError):
     """The kernel refused a checkpoint: corrupted, truncated, foreign or incomplete."""
+
+    hint = "resume from an earlier checkpoint (run.checkpoints() lists them)"
 
 
 class MemoryLimitExceeded(KernelDied):
     """A kernel passed its pool's ``max_memory`` and was stopped (and replaced)."""
 
     hint = "raise the pool's max_memory, or make the work use less memory"
+
+
+class SerializationError(DspexError, TypeError):
+    """A value that cannot travel to or from a kernel (the message names it)."""
+
+    hint = (
+        "send data (JSON values, bytes, arrays, tables, dspy.Examples), or refer to objects "
+        "by import path ('package.module:name') and build them in the kernel"
+    )
+
+
+class InvalidFunction(DspexError, TypeError, ValueError):
+    """What was given as the function to run is neither a callable nor a reference
+    ``"package.module:function"`` (a TypeError and a ValueError, as Python would raise)."""
+
+    hint = "pass a function, or its import path as 'package.module:function'"
+
+
+class RemoteSerializationError(RemoteError, SerializationError):
+    """A kernel's result (or stream item) could not be sent back to the notebook."""
+
+    hint = "return data from the kernel (JSON values, bytes, arrays, tables), not live objects"
+
+
+class UnsupportedDspyVersion(RemoteError):
+    """The pool's environment has a DSPy version the run's search loop does not follow."""
+
+    hint = "install a supported DSPy into the pool's environment (the message names the range)"
 
 
 # Import names whose PyPI distribution is called something else.
@@ -216,6 +287,10 @@ CLASSIFICATION_TABLE: tuple[Classification, ...] = (
     Classification(ModelNotFound, ("huggingface_hub.errors.LocalEntryNotFoundError",)),
     Classification(OptimizationDiverged, ("dspex_jupyter.runtime.mipro.OptimizationDiverged",)),
     Classification(InvalidCheckpoint, ("dspex_jupyter.checkpoint.CheckpointError",)),
+    Classification(RemoteSerializationError, ("dspex_jupyter.core.errors.SerializationError",)),
+    Classification(
+        UnsupportedDspyVersion, ("dspex_jupyter.runtime.dspy_support.DspyVersionError",)
+    ),
 )
 # What to do next, per class (a hint computed from the error wins over these).
 HINTS: dict[type[RemoteError], str] = {
@@ -240,10 +315,14 @@ def classify(error: dict[str, Any], where: Where) -> RemoteError:
             cls = row.error_class
             break
     details = dict(error.get("details") or {})
-    hint = HINTS.get(cls, "")
+    # A DspexError raised in the kernel sends its own hint: it knows best what to do.
+    hint = str(details.pop("hint", "") or "") or HINTS.get(cls, "")
     if cls is DependencyMissing:
         details.update(_dependency_details(error, where))
         hint = f"install it into the pool's environment: {details['install_command']}"
+    lm_row = LM_FAILURE_TABLE.get(_lm_failure(details, module, etype, message))  # below
+    if lm_row is not None:
+        cls, hint = lm_row.error_class, lm_row.hint_for(details, where)
     return cls(
         etype,
         message,
@@ -253,3 +332,202 @@ def classify(error: dict[str, Any], where: Where) -> RemoteError:
         details=details,
         hint=hint,
     )
+
+
+# ---- trust: files this user did not sign (dspex_jupyter/trust.py) ----------------------
+class UntrustedCheckpoint(InvalidCheckpoint):
+    """The kernel refused to import what a checkpoint folder this user did not sign names."""
+
+
+class ForbiddenReference(InvalidCheckpoint):
+    """A checkpoint names code outside the trusted modules, or an object of the wrong kind."""
+
+
+class UntrustedManifest(DspexError):
+    """A manifest this user's key did not sign (restoring it would start kernels and run code)."""
+
+    hint = (
+        "restore only manifests you wrote; if you know who wrote this one and what it runs, "
+        "trust it: `dspex trust MANIFEST` or PoolManager.restore(manifest, trust=True)"
+    )
+
+
+class MissingEnvVars(DspexError, LookupError):
+    """Restoring a manifest needs environment variable values it does not store."""
+
+
+class TrustError(DspexError):
+    """Signing or checking a file's signature failed (not a dspex file, or a bad key)."""
+
+
+CLASSIFICATION_TABLE += (
+    Classification(UntrustedCheckpoint, ("dspex_jupyter.checkpoint.UntrustedCheckpointError",)),
+    Classification(ForbiddenReference, ("dspex_jupyter.checkpoint.ForbiddenReferenceError",)),
+)
+HINTS[UntrustedCheckpoint] = (
+    "pass the objects instead (MIPROv2.resume(dir, pool, program=..., metric=..., task_lm=..., "
+    "prompt_lm=...)), or trust the folder: `dspex trust DIR` or MIPROv2.resume(..., trust=True)"
+)
+HINTS[ForbiddenReference] = (
+    "pass the object to MIPROv2.resume(), or list your own module in trusted_modules= "
+    "(or $DSPEX_TRUSTED_MODULES)"
+)
+
+
+class NothingToResume(DspexError):
+    """The run's folder holds no run that could go on (it completed, or is no run)."""
+
+    hint = "use the run's result; to optimize again, start a new run in another checkpoint_dir"
+
+
+class BudgetExceeded(RemoteError):
+    """A run stopped before the trial that would have passed its max_calls, max_tokens or
+    max_cost; its checkpoints are clean and it resumes exactly."""
+
+
+CLASSIFICATION_TABLE += (
+    Classification(BudgetExceeded, ("dspex_jupyter.runtime.mipro.BudgetExceeded",)),
+)
+HINTS[BudgetExceeded] = (
+    "resume it with a bigger budget: MIPROv2.resume(dir, pool, max_calls=..., max_tokens=..., "
+    "max_cost=...)"
+)
+
+
+class MemoryLimitsUnavailable(DspexError):
+    """``$DSPEX_MEMORY_LIMITS`` asks for a way of enforcing max_memory this machine lacks."""
+
+    hint = "unset DSPEX_MEMORY_LIMITS (dspex picks what works here), or set it to proc"
+
+
+# ---- LMs given to an optimizer (optimizers/mipro.py, runtime/mipro.py build_lm) -------
+class InvalidLM(DspexError, ValueError):
+    """An LM given to an optimizer is neither a ``dspy.BaseLM`` nor a string naming one."""
+
+    hint = (
+        "pass a dspy.LM (or any dspy.BaseLM), a model name 'provider/model' such as "
+        "'openai/gpt-4o-mini', or an import path 'package.module:name' naming an LM or a "
+        "function that returns one"
+    )
+
+
+# ---- LM provider failures (runtime/lm_failures.py names them in details["lm_failure"]) ----
+class LMError(RemoteError):
+    """The LM provider failed a call made in a pool kernel (not the program's own bug)."""
+
+    @property
+    def kind(self) -> str:
+        """``auth``, ``billing``, ``rate_limited``, ``unavailable``, ``timeout``..."""
+        return str(self.details.get("lm_failure", ""))
+
+    @property
+    def model(self) -> str:
+        return str(self.details.get("lm_model", ""))
+
+    @property
+    def retry_after(self) -> float | None:
+        """The provider's Retry-After hint in seconds, when it sent one."""
+        value = self.details.get("lm_retry_after")
+        return float(value) if isinstance(value, (int, float)) else None
+
+
+class LMAuthenticationFailed(LMError):
+    """No API key reached the kernel, or the provider refused the one it got."""
+
+
+class LMBillingFailed(LMError):
+    """The provider refused the call for billing or quota reasons."""
+
+
+class LMRateLimited(LMError):
+    """The provider kept rate-limiting after DSPy's own retries."""
+
+
+class LMUnavailable(LMError):
+    """The provider could not be reached or kept failing (refused, reset, DNS, 5xx)."""
+
+
+class LMTimedOut(LMError):
+    """The provider did not answer within the LM's timeout."""
+
+
+class LMModelNotFound(LMError):
+    """The provider does not know the model (a typo, or no access with this key)."""
+
+
+@dataclass(frozen=True)
+class LMFailureRow:
+    """One row of the LM failure table: a kind, its error type and its remedy.
+
+    ``hint`` is a template over ``pool``, ``model``, ``env_var`` and ``retry_after``.
+    """
+
+    error_class: type[LMError]
+    hint: str
+
+    def hint_for(self, details: dict[str, Any], where: Where) -> str:
+        model = str(details.get("lm_model") or "the LM")
+        retry = details.get("lm_retry_after")
+        values = {
+            "pool": where.pool or "?",
+            "model": model,
+            "env_var": str(details.get("lm_env_var") or "the provider's API key variable"),
+            "retry_after": f"; it asked for {retry:g} s" if isinstance(retry, (int, float)) else "",
+        }
+        return self.hint.format_map(values)
+
+
+_LM_MODEL_PREFIX = re.compile(r"^\[([^\]\s]+)\] ")  # DSPy's errors start "[openai/gpt-4o] "
+
+
+def _lm_failure(details: dict[str, Any], module: str, etype: str, message: str) -> str | None:
+    """The kind the kernel named, or (an execute reply names only the type) the kind of a
+    DSPy LM error recognised by its name; then the model is read from DSPy's message."""
+    if details.get("lm_failure"):
+        return str(details["lm_failure"])
+    from ..runtime.lm_failures import lm_failure_of_type, provider_env_var
+
+    kind = lm_failure_of_type(module, etype, message)
+    found = _LM_MODEL_PREFIX.match(message)
+    if kind is not None:
+        details["lm_failure"] = kind
+        if found:
+            details["lm_model"] = found.group(1)
+            env_var = provider_env_var(found.group(1))
+            if env_var:
+                details["lm_env_var"] = env_var
+    return kind
+
+
+LM_FAILURE_TABLE: dict[str, LMFailureRow] = {
+    "auth": LMFailureRow(
+        LMAuthenticationFailed,
+        "put {env_var} in PoolSpec(env_vars=...) of pool {pool!r} (recommended) or pass "
+        "api_key= to dspy.LM; check that the key is valid for {model}",
+    ),
+    "billing": LMFailureRow(
+        LMBillingFailed,
+        "check the billing or quota of the account whose key ({env_var}) pool {pool!r} uses "
+        "for {model}",
+    ),
+    "rate_limited": LMFailureRow(
+        LMRateLimited,
+        "{model} is rate-limited{retry_after}: lower num_threads or raise num_retries on "
+        "dspy.LM, wait, then retry (a run resumes from its last checkpoint)",
+    ),
+    "unavailable": LMFailureRow(
+        LMUnavailable,
+        "{model} cannot be reached from pool {pool!r} (refused, reset, DNS or 5xx): check the "
+        "provider's status and api_base, then retry (a run resumes from its last checkpoint)",
+    ),
+    "timeout": LMFailureRow(
+        LMTimedOut,
+        "{model} did not answer in time: raise dspy.LM(timeout=...) or retry later (a run "
+        "resumes from its last checkpoint)",
+    ),
+    "model_not_found": LMFailureRow(
+        LMModelNotFound,
+        "check the model name in dspy.LM('provider/model') ({model}) and that the key in "
+        "pool {pool!r} ({env_var}) has access to it",
+    ),
+}

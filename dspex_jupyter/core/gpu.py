@@ -149,6 +149,23 @@ def gpu_memory(
     return {"available": False, "source": "none", "reason": reason, "devices": []}
 
 
+def merge_gpu_states(states: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One ``gpu_memory`` view from several taken together (one per manager, each naming
+    only its own kernels): the first's devices, with every state's kernel shares."""
+    states = list(states)
+    if not states:
+        return gpu_memory()
+    merged = {**states[0], "devices": [dict(d, kernels=[]) for d in states[0]["devices"]]}
+    by_index = {d["index"]: d for d in merged["devices"]}
+    for state in states:
+        for device in state.get("devices", []):
+            if device["index"] in by_index:
+                by_index[device["index"]]["kernels"].extend(device.get("kernels", []))
+    for device in merged["devices"]:
+        device["kernels"].sort(key=lambda s: s["kernel"])
+    return merged
+
+
 def kernel_memory_rows(health: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each kernel's RSS against its pool's ``max_memory`` (the no-GPU view)."""
     rows = []

@@ -109,5 +109,19 @@ def kernel_environment(spec: PoolSpec, source: KernelSource) -> dict[str, str]:
     if not spec.gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env["DSPEX_POOL"] = spec.name
+    # DSPy's disk cache: shared by a user's pool kernels under DSPEX_HOME (DSPy's own
+    # default, ~/.dspy_cache, would mix them with every other process), unless the user's
+    # environment or the pool's env_vars name another place.
+    if "DSPY_CACHEDIR" not in env and "DSPY_CACHEDIR" not in spec.env_vars:
+        cache = dspy_cache_dir()
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # prompts and answers: private
+        env["DSPY_CACHEDIR"] = str(cache)
     env.update(spec.env_vars)
     return env
+
+
+def dspy_cache_dir() -> Path:
+    """Where pool kernels keep DSPy's cache by default: ``$DSPEX_HOME/dspy-cache``."""
+    from .envs import dspex_home
+
+    return dspex_home() / "dspy-cache"

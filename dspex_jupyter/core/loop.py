@@ -1,7 +1,9 @@
 """The manager's event-loop thread: one asyncio core, reached from sync and async callers.
 
 Pool housekeeping (reading kernel sockets, noticing dead kernels) runs here, so it goes on
-while a notebook cell blocks on a result, and a blocked cell never stalls it.
+while a notebook cell blocks on a result, and a blocked cell never stalls it. Whatever may
+take milliseconds (walking model caches, NVML, encoding or decoding a large value) goes to
+``offload``'s threads instead, so one slow step never delays every call and stream.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# Threads for blocking work: a few, since what they run (file I/O, memcpy, NVML) mostly
+# releases the GIL, and large values of concurrent calls should not queue behind each other.
+OFFLOAD_THREADS = 4
 
 
 class LoopThread:
@@ -20,6 +25,9 @@ class LoopThread:
 
     def __init__(self, name: str = "dspex-loop") -> None:
         self.loop = asyncio.new_event_loop()
+        self._offload = concurrent.futures.ThreadPoolExecutor(
+            max_workers=OFFLOAD_THREADS, thread_name_prefix=f"{name}-offload"
+        )
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
@@ -36,6 +44,7 @@ class LoopThread:
         if pending:
             self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self.loop.close()
+        self._offload.shutdown(wait=False, cancel_futures=True)
 
     @property
     def running(self) -> bool:
@@ -62,9 +71,16 @@ class LoopThread:
         try:
             return future.result(timeout)
         except KeyboardInterrupt:
-            # An interrupted cell abandons the wait; the work itself is cancelled too.
+            # Ctrl-C in the cell: the wait ends now and the work is cancelled; a call
+            # cancelled while its kernel runs it interrupts that kernel (Pool._run_op).
             future.cancel()
             raise
+
+    async def offload(self, func: Callable[..., T], *args: Any) -> T:
+        """Run blocking ``func(*args)`` on a worker thread, so the loop stays free (await
+        it on this loop). Only work that releases the GIL (I/O, most copies in numpy and
+        Arrow, NVML) truly frees the loop; pure-Python work still competes for the GIL."""
+        return await self.loop.run_in_executor(self._offload, func, *args)
 
     async def wrap(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await ``coro`` from any event loop (the notebook's own included)."""

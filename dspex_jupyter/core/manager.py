@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +30,8 @@ from .session import Session
 from .spec import PoolSpec, load_pool_specs
 
 _live_managers: weakref.WeakSet[PoolManager] = weakref.WeakSet()
+# Model-cache folders are walked again after this many seconds (see _model_caches).
+MODEL_CACHE_TTL_S = 10.0
 
 
 @atexit.register
@@ -62,6 +65,7 @@ class PoolManager:
         self.pools: dict[str, Pool] = {}
         self._runner = LoopThread(name="dspex-manager")
         self._closed = False
+        self._model_cache: dict[str, tuple[float, dict[str, int]]] = {}  # name: (when, sizes)
         self.restored: dict[str, Any] = {}
         _live_managers.add(self)
 
@@ -121,17 +125,35 @@ class PoolManager:
         await asyncio.gather(*(p._shutdown(now=now) for p in pools), return_exceptions=True)
 
     async def _health(self) -> dict[str, Any]:
-        pools = {name: pool._health() for name, pool in self.pools.items()}
-        for name, pool in self.pools.items():
-            pools[name]["model_cache"] = model_cache_sizes(pool._env)
+        """Everything slow here (RSS from /proc, model-cache folder walks, NVML) runs on
+        the loop's worker threads: a sidebar polling twice a second must not delay calls."""
+        running = list(self.pools.items())
+        found = await asyncio.gather(*(pool._health() for _, pool in running))
+        pools = {name: health for (name, _), health in zip(running, found, strict=True)}
+        for (name, _), size in zip(running, await self._model_caches(running), strict=True):
+            pools[name]["model_cache"] = size
+        gpu = await self._runner.offload(gpu_memory, kernel_refs(pools.values()))
         return {
             "pools": pools,
-            "gpu": gpu_memory(kernel_refs(pools.values())),
+            "gpu": gpu,
             "kernels": sum(len(p["kernels"]) for p in pools.values()),
             "sessions": sum(len(p["sessions"]) for p in pools.values()),
             "runtime_dir": str(self.runtime_dir),
             "exchange_dir": str(self.exchange.root) if self.exchange.root else None,
         }
+
+    async def _model_caches(self, pools: list[tuple[str, Pool]]) -> list[dict[str, int]]:
+        """Model-cache sizes of each pool, walked at most every ``MODEL_CACHE_TTL_S``
+        (a Hugging Face cache holds thousands of files and changes only on downloads)."""
+        now = time.monotonic()
+        sizes = []
+        for name, pool in pools:
+            cached = self._model_cache.get(name)
+            if cached is None or now - cached[0] > MODEL_CACHE_TTL_S:
+                cached = (now, await self._runner.offload(model_cache_sizes, pool._env))
+                self._model_cache[name] = cached
+            sizes.append(dict(cached[1]))
+        return sizes
 
     def _not_found(self, name: str) -> PoolNotFound:
         return PoolNotFound(
@@ -219,15 +241,25 @@ class PoolManager:
         manifest: str | Path,
         *,
         objects: dict[str, Any] | None = None,
+        env_vars: dict[str, Any] | None = None,
+        trust: bool = False,
         **kwargs: Any,
     ) -> PoolManager:
         """A new manager running what a graceful shutdown recorded: its pools, sessions
         (with their state) and runs (resumed; ``objects`` maps a run id to the
         program/metric/LMs it needs when those were notebook objects). What came back is
-        in ``manager.restored``."""
+        in ``manager.restored``.
+
+        The manifest holds the names of the pools' ``env_vars``, not their values:
+        ``env_vars`` gives them (``{"NAME": value}`` for every pool, ``{"POOL": {...}}``
+        for one), else this process's environment does. Only a manifest signed with this
+        user's key is restored (it starts kernels and runs start-up code), unless
+        ``trust=True``."""
         manager = cls(**kwargs)
         try:
-            manager.restored = restore(manager, manifest, objects or {})
+            manager.restored = restore(
+                manager, manifest, objects or {}, env_vars=env_vars, trust=trust
+            )
         except BaseException:
             manager.shutdown(now=True)
             raise
@@ -248,3 +280,28 @@ class PoolManager:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.ashutdown()
+
+    # ---- public read-only views (for notebook/ and optimizers/, which stay off privates)
+    @property
+    def closed(self) -> bool:
+        """True once ``shutdown()`` ran."""
+        return self._closed
+
+    def spec(self, name: str) -> PoolSpec | None:
+        """The settings the pool called ``name`` was configured or started with, if any."""
+        return self._specs.get(name)
+
+    def forget_spec(self, name: str) -> None:
+        """Drop the settings of a pool that is not running, so that another spec may take
+        its name (a running pool keeps its own: stop it first)."""
+        if name in self.pools:
+            raise InvalidSpec(
+                f"pool {name!r} is running with these settings",
+                hint=f"stop it first: manager.stop({name!r})",
+            )
+        self._specs.pop(name, None)
+
+
+def live_managers() -> list[PoolManager]:
+    """Every manager of this process that is not shut down yet."""
+    return [m for m in list(_live_managers) if not m.closed]

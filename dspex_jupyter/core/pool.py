@@ -16,63 +16,56 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
-from .. import exchange, protocol
-from .errors import CallTimeout, GpuOutOfMemory, PoolClosed, PoolExhausted, PoolStartError
+from .. import exchange
+from ..protocol import encode_function
+from .errors import (
+    CallTimeout,
+    DspexError,
+    GpuOutOfMemory,
+    PoolClosed,
+    PoolExhausted,
+    PoolStartError,
+)
 from .exchange_dirs import ExchangeArea
 from .launch import KernelSource, kernel_environment
 from .loop import LoopThread
+from .memory_limits import MemoryLimits, memory_limits
+from .memory_limits import process_tree_rss as _proc_tree_rss
 from .spec import PoolSpec, format_bytes
 from .worker import KernelWorker
 
 if TYPE_CHECKING:
     from .session import Session
 
-# A kernel interrupted after a timeout gets this long to answer before it is replaced.
+# A kernel interrupted (a timeout, Ctrl-C) gets this long to answer before it is replaced.
 INTERRUPT_GRACE_S = 5.0
+# Values at least this big (bytes), or containers this long, are encoded and decoded on a
+# worker thread: that takes milliseconds, which would stall every call and stream on the
+# loop. Smaller ones stay on the loop: a thread hop would cost more than they take.
+OFFLOAD_MIN_BYTES = 1_000_000
+OFFLOAD_MIN_ITEMS = 100  # lists of this many dicts become Arrow tables (exchange.py)
 # Replacement of a kernel that fails to start backs off up to this delay.
 MAX_RESTART_BACKOFF_S = 30.0
 # This many deaths in a row of kernels younger than this that served nothing: a crash loop.
 CRASH_LOOP_DEATHS = 3
 CRASH_LOOP_UPTIME_S = 10.0
-# How often kernels' memory is compared with their pool's max_memory.
-MEMORY_CHECK_INTERVAL_S = 0.2
+# A kernel that is not local (another provisioner) is asked whether it still runs this
+# often: no pidfd can watch a process on another machine.
+PROVISIONER_POLL_INTERVAL_S = 1.0
+# How long a replacement kernel may take to start.
+REPLACEMENT_START_TIMEOUT_S = 60.0
+# How many kernel events (Pool.kernel_events) are kept.
+KERNEL_EVENTS_KEPT = 1000
 logger = logging.getLogger("dspex_jupyter.pool")
 
 
-def encode_function(func: Any, buffers: list[bytes]) -> dict[str, Any]:
-    """A function travels by import path (``"pkg.mod:func"``) or, if defined in the
-    notebook, by value (cloudpickle: trusted code only, as with ipyparallel)."""
-    if isinstance(func, str):
-        module, sep, name = func.partition(":")
-        if not sep or not module or not name:
-            raise ValueError(
-                f"function reference {func!r} must look like 'package.module:function'"
-            )
-        return {"ref": func}
-    if callable(func):
-        return protocol.encode_value(func, buffers)
-    raise TypeError(f"expected a callable or a 'module:function' string, got {type(func).__name__}")
-
-
 def process_tree_rss(pid: int | None) -> int:
-    """RSS of a kernel and its children (what its memory limit is measured against)."""
-    if pid is None:
-        return 0
-    try:
-        proc = psutil.Process(pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        return int(total)
-    except psutil.Error:
-        return 0
+    """RSS of a kernel and its descendants (what the /proc memory watch measures)."""
+    return _proc_tree_rss(pid)
 
 
 class Pool:
@@ -109,61 +102,99 @@ class Pool:
         # Crash-loop detection: kernels that die young without serving anything.
         self._early_deaths = 0
         self.backoff_until = 0.0
+        self._start_failures = 0  # replacements in a row that failed to start
+        self._size_changed = asyncio.Event()  # a kernel was counted out: _keep_size looks
+        self._memory: MemoryLimits | None = None  # enforces max_memory, when set
+        # Each kernel starting, launched, ready, died or gone, with how many kernels the
+        # pool then holds (live and starting): never more than its size.
+        self.kernel_events: deque[dict[str, Any]] = deque(maxlen=KERNEL_EVENTS_KEPT)
+        self._kernel_listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def __repr__(self) -> str:
         return f"<Pool {self.name!r} size={self.spec.size} source={self.source.description!r}>"
 
     # ---- starting and supervising ---------------------------------------------------
-    async def _watch_memory(self) -> None:
-        """Stop a kernel whose process tree passes ``max_memory`` (its caller gets
-        MemoryLimitExceeded; the pool replaces it); warn once at 90 %."""
+    def add_kernel_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(event)`` on the manager's loop thread for every kernel event
+        (see ``kernel_events``). For dashboards and tests; it must not block."""
+        self._kernel_listeners.append(listener)
+
+    def _kernel_event(self, event: str, worker: KernelWorker) -> None:
+        record = {
+            "time": time.time(),
+            "event": event,
+            "kernel": worker.id,
+            "pid": worker.pid,
+            "kernels": len(self._workers),
+        }
+        self.kernel_events.append(record)
+        for listener in list(self._kernel_listeners):
+            try:
+                listener(record)
+            except Exception:  # a listener's bug must not stop supervision
+                logger.exception("pool %s: kernel listener failed", self.name)
+
+    def _on_memory_breach(self, worker: KernelWorker, used: int) -> None:
+        """Stop a kernel past ``max_memory``: its caller gets MemoryLimitExceeded and the
+        pool replaces it."""
         limit = self.spec.max_memory_bytes
-        assert limit is not None
-        warned: set[str] = set()
-        while not self._closed:
-            for worker in list(self._workers):
-                if worker.state in ("starting", "dead", "stopping") or worker.memory_exceeded:
-                    continue
-                rss = process_tree_rss(worker.pid)
-                if rss > limit:
-                    worker.memory_exceeded = (rss, limit)
-                    worker.kill()
-                elif rss > 0.9 * limit and worker.id not in warned:
-                    warned.add(worker.id)
-                    message = (
-                        f"kernel {worker.id} of pool {self.name!r} uses {format_bytes(rss)}, "
-                        f"over 90% of its max_memory {format_bytes(limit)}"
-                    )
-                    self.warnings.append(message)
-                    logger.warning(message)
-            await asyncio.sleep(MEMORY_CHECK_INTERVAL_S)  # poll: RSS has no event to wait on
+        if worker.state == "dead" or worker.memory_exceeded is not None or limit is None:
+            return
+        worker.memory_exceeded = (used, limit)
+        worker.kill()
+
+    def _on_memory_warning(self, worker: KernelWorker, used: int) -> None:
+        limit = self.spec.max_memory_bytes or 0
+        message = (
+            f"kernel {worker.id} of pool {self.name!r} uses {format_bytes(used)}, "
+            f"over 90% of its max_memory {format_bytes(limit)}"
+        )
+        self.warnings.append(message)
+        logger.warning(message)
 
     async def _start(self, timeout: float) -> None:
-        if self.spec.max_memory_bytes is not None:
-            self._spawn(self._watch_memory())
+        limit = self.spec.max_memory_bytes
+        if limit is not None:
+            self._memory = memory_limits(limit, self._on_memory_breach, self._on_memory_warning)
+        workers = [self._new_worker() for _ in range(self.spec.size)]
         results = await asyncio.gather(
-            *(self._start_worker(timeout) for _ in range(self.spec.size)), return_exceptions=True
+            *(self._start_worker(w, timeout) for w in workers), return_exceptions=True
         )
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             first = errors[0]
+            # The kernel's own error, without its hint: that becomes this error's hint.
+            detail = first.args[0] if isinstance(first, DspexError) and first.args else first
             raise PoolStartError(
                 f"pool {self.name!r}: {len(errors)} of {self.spec.size} kernels failed to start: "
-                f"{first}"
+                f"{detail}",
+                hint=getattr(first, "hint", "") or PoolStartError.hint,
             ) from first
+        self._spawn(self._keep_size())
 
-    async def _start_worker(self, timeout: float) -> KernelWorker:
+    def _new_worker(self) -> KernelWorker:
+        """A kernel that counts in the pool from now on, while it starts too: the size is
+        checked against this count, so a death during a start cannot start one too many."""
         worker = KernelWorker(self.name, self.source, self._env, self._runtime_dir)
         self._workers.append(worker)
+        if self._memory is not None:
+            self._memory.prepare(worker)
+        self._kernel_event("starting", worker)
+        return worker
+
+    async def _start_worker(self, worker: KernelWorker, timeout: float) -> KernelWorker:
         try:
             # Watch the process as soon as it exists, so a crash during start-up is seen.
             await worker.start(timeout, on_launch=self._watch)
+            if self._memory is not None and worker.state != "dead":
+                self._memory.watch(worker)
             await self._prepare(worker)
         except BaseException:
             self._forget(worker)
             await worker.shutdown(now=True)
             raise
         self._release(worker)
+        self._kernel_event("ready", worker)
         return worker
 
     async def _prepare(self, worker: KernelWorker) -> None:
@@ -181,35 +212,45 @@ class Pool:
                 )
 
     def _watch(self, worker: KernelWorker) -> None:
-        """Be told the moment a kernel process exits: a pidfd becomes readable (Linux)."""
+        """Be told the moment a local kernel exits (a pidfd becomes readable, Linux); any
+        other kernel is asked through its provisioner every PROVISIONER_POLL_INTERVAL_S."""
         pid = worker.pid
-        loop = asyncio.get_running_loop()
+        fd = -1
         if pid is not None and hasattr(os, "pidfd_open"):
-            try:
+            with contextlib.suppress(OSError):
                 fd = os.pidfd_open(pid)
-            except OSError:
-                fd = -1
-            if fd >= 0:
-                self._pidfds[worker] = fd
-                loop.add_reader(fd, self._check_worker, worker)
-                return
-        self._spawn(self._poll_worker(worker))
+        if fd >= 0:
+            self._pidfds[worker] = fd
+            asyncio.get_running_loop().add_reader(fd, self._check_local, worker)
+        else:
+            self._spawn(self._poll_worker(worker))
+        self._kernel_event("launched", worker)
 
     async def _poll_worker(self, worker: KernelWorker) -> None:
+        interval = 0.1 if worker.is_local else PROVISIONER_POLL_INTERVAL_S
         while worker.state != "dead" and not self._closed:
-            self._check_worker(worker)
-            await asyncio.sleep(0.1)  # poll: no pidfd on this platform
+            code = await worker.poll()
+            if code is not None:
+                self._check_worker(worker, code)
+                return
+            await asyncio.sleep(interval)  # poll: no pidfd for this kernel
 
-    def _check_worker(self, worker: KernelWorker) -> None:
-        code = worker.poll()
-        if code is None or worker.state == "dead":
+    def _check_local(self, worker: KernelWorker) -> None:
+        code = worker.poll_local()
+        if code is not None:
+            self._check_worker(worker, code)
+
+    def _check_worker(self, worker: KernelWorker, code: int) -> None:
+        if worker.state == "dead":
             return
-        self._unwatch(worker)
         if worker.state == "stopping" or self._closed:
+            self._unwatch(worker)
             return
         self._on_death(worker, code)
 
     def _unwatch(self, worker: KernelWorker) -> None:
+        if self._memory is not None:
+            self._memory.unwatch(worker)
         fd = self._pidfds.pop(worker, None)
         if fd is not None:
             with contextlib.suppress(Exception):
@@ -239,14 +280,21 @@ class Pool:
         if self._exchange is not None:  # whatever a dead kernel was writing goes too
             self._exchange.remove_kernel(self.name, worker.number)
         self._unwatch(worker)
-        with contextlib.suppress(ValueError):
+        if worker in self._workers:
             self._workers.remove(worker)
+            self._kernel_event("gone", worker)
+            self._size_changed.set()
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
         self._update_full()
 
     def _on_death(self, worker: KernelWorker, code: int) -> None:
         self.deaths += 1
+        if worker.memory_exceeded is None and self._memory is not None:
+            # The OS may have stopped it (cgroup OOM) before its breach event was read.
+            used = self._memory.breach_at_death(worker)
+            if used is not None:
+                worker.memory_exceeded = (used, self._memory.limit)
         session = self._sessions.get(worker.session or "")
         if session is not None:
             session._lost = True
@@ -259,10 +307,9 @@ class Pool:
                 f"{format_bytes(limit)}) and was replaced"
             )
         worker.mark_dead(code)
-        self._forget(worker)
+        self._kernel_event("died", worker)
+        self._forget(worker)  # _keep_size starts its replacement
         self._spawn(worker.shutdown(now=True))  # removes its connection file and sockets
-        if not self._closed:
-            self._spawn(self._replace())
 
     def _crash_loop_delay(self) -> float:
         """Kernels that keep dying right after start are restarted ever more slowly."""
@@ -279,21 +326,37 @@ class Pool:
         logger.warning(self.last_error)
         return delay
 
-    async def _replace(self) -> None:
-        """Keep the pool at its size; back off when replacements keep failing."""
-        delay = self._crash_loop_delay()
-        if delay:
-            self.backoff_until = time.time() + delay
-            await asyncio.sleep(delay)  # back-off: a crash loop must not spin
-        delay = 0.5
+    def _failure_delay(self) -> float:
+        """Replacements that keep failing to start are retried ever more slowly."""
+        if not self._start_failures:
+            return 0.0
+        return min(0.5 * 2.0 ** (self._start_failures - 1), MAX_RESTART_BACKOFF_S)
+
+    async def _keep_size(self) -> None:
+        """The one place that starts replacements: as many as the size minus the kernels
+        live or starting. Whatever the order of deaths and starts (a kernel killed while
+        its replacement starts, a replacement killed while it starts), the pool never
+        holds more kernels than its size."""
         while not self._closed:
-            try:
-                await self._start_worker(timeout=60)
-                return
-            except Exception as exc:
-                self.last_error = f"replacement kernel failed to start: {exc}"
-                await asyncio.sleep(delay)  # back-off before the next attempt
-                delay = min(delay * 2, MAX_RESTART_BACKOFF_S)
+            if len(self._workers) >= self.spec.size:
+                self._size_changed.clear()
+                await self._size_changed.wait()
+                continue
+            delay = max(self._crash_loop_delay(), self._failure_delay())
+            if delay:
+                self.backoff_until = time.time() + delay
+                await asyncio.sleep(delay)  # back-off: a crash loop must not spin
+            for _ in range(self.spec.size - len(self._workers)):
+                self._spawn(self._replacement(self._new_worker()))
+
+    async def _replacement(self, worker: KernelWorker) -> None:
+        try:
+            await self._start_worker(worker, REPLACEMENT_START_TIMEOUT_S)
+        except Exception as exc:
+            self._start_failures += 1
+            self.last_error = f"replacement kernel failed to start: {exc}"
+        else:
+            self._start_failures = 0
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -324,7 +387,16 @@ class Pool:
                 return worker
         waiter: asyncio.Future[KernelWorker] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        await asyncio.wait({waiter}, timeout=timeout)
+        try:
+            await asyncio.wait({waiter}, timeout=timeout)
+        except asyncio.CancelledError:
+            # The caller gave up (Ctrl-C on a map): a kernel handed over meanwhile goes back.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            raise
         if waiter.done():
             return waiter.result()
         waiter.cancel()
@@ -388,20 +460,22 @@ class Pool:
     ) -> Any:
         """Send an op, wait for its reply and decode its result. Exchange files of the
         request that the kernel did not take are removed once it has answered; those of
-        a reply nobody waits for any more, when it arrives."""
-        request = worker.request(op, args, session=session, buffers=buffers)
-        if timeout is None:
-            try:
-                result, reply_buffers = await request
-            finally:
-                if outgoing is not None:
-                    outgoing.discard()
-            worker.calls_served += 1
-            return exchange.decode(result, reply_buffers, worker.exchange) if decode else result
-        task = asyncio.ensure_future(request)
+        a reply nobody waits for any more, when it arrives.
+
+        A caller that gives up (Ctrl-C in its cell, its task cancelled) interrupts the
+        kernel, as Ctrl-C does in a notebook: the op stops there and the kernel keeps its
+        state. The wait for the reply is not cancelled with the caller, so the kernel
+        counts as busy until the interrupted op has answered (``_release_when_quiet``)."""
+        task = asyncio.ensure_future(worker.request(op, args, session=session, buffers=buffers))
         if outgoing is not None:
             task.add_done_callback(lambda _: outgoing.discard())
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda t: _discard_reply(t, worker.exchange))
+            if not task.done():
+                self._spawn(worker.interrupt())
+            raise
         if not done:
             task.add_done_callback(lambda t: _discard_reply(t, worker.exchange))
             await worker.interrupt()
@@ -412,7 +486,27 @@ class Pool:
             )
         result, reply_buffers = task.result()
         worker.calls_served += 1
-        return exchange.decode(result, reply_buffers, worker.exchange) if decode else result
+        if not decode:
+            return result
+        if _reply_is_large(result, reply_buffers):
+            return await self._runner.offload(
+                exchange.decode, result, reply_buffers, worker.exchange
+            )
+        return exchange.decode(result, reply_buffers, worker.exchange)
+
+    async def _encode(self, out: exchange.Outgoing, encoder: Any, *values: Any) -> Any:
+        """``encoder(*values)`` (a method of ``out``): on a worker thread when the values
+        are large, so writing 100 MB to an exchange file does not stall the loop."""
+        if not _looks_large(values):
+            return encoder(*values)
+        # Shielded: a caller that gives up does not stop the thread, which may still
+        # write files; they are removed once it has finished.
+        work = asyncio.ensure_future(self._runner.offload(encoder, *values))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda t: t.cancelled() or t.exception() or out.discard())
+            raise
 
     async def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         func_buffers: list[bytes] = []
@@ -423,7 +517,8 @@ class Pool:
                 # Encoded for this kernel: its folder, or message buffers if it has none.
                 out = exchange.Outgoing(worker.exchange)
                 out.buffers.extend(func_buffers)
-                request = {"func": func_desc, "payload": out.encode_call(args, kwargs)}
+                payload = await self._encode(out, out.encode_call, args, kwargs)
+                request = {"func": func_desc, "payload": payload}
                 try:
                     return await self._run_op(
                         worker,
@@ -482,7 +577,8 @@ class Pool:
             try:
                 out = exchange.Outgoing(worker.exchange)
                 out.buffers.extend(func_buffers)
-                request = {"func": func_desc, "items": out.encode_items(chunk)}
+                items = await self._encode(out, out.encode_items, chunk)
+                request = {"func": func_desc, "items": items}
                 return await self._run_op(
                     worker,
                     "map",
@@ -508,7 +604,7 @@ class Pool:
         worker = await self._acquire(timeout, "session")
         out = exchange.Outgoing(worker.exchange)
         try:
-            state_desc = out.encode(state or {})
+            state_desc = await self._encode(out, out.encode, state or {})
         except BaseException:
             self._release(worker)
             raise
@@ -555,11 +651,13 @@ class Pool:
 
         return list(await asyncio.gather(*(one(w) for w in targets)))
 
-    def _health(self) -> dict[str, Any]:
+    async def _health(self) -> dict[str, Any]:
+        workers = list(self._workers)
+        # RSS off the loop: it reads /proc for every process of each kernel's tree.
+        sizes = await self._runner.offload(_tree_sizes, [w.pid for w in workers])
         now = time.time()
         kernels = []
-        for worker in self._workers:
-            rss = process_tree_rss(worker.pid)
+        for worker, rss in zip(workers, sizes, strict=True):
             kernels.append(
                 {
                     "id": worker.id,
@@ -620,7 +718,9 @@ class Pool:
 
         ``func`` is ``"pkg.module:function"`` (imported in the kernel) or a callable
         (shipped by value when defined in the notebook). A remote exception is raised
-        here as a ``RemoteError`` carrying the remote traceback.
+        here as a ``RemoteError`` carrying the remote traceback. Ctrl-C interrupts the
+        kernel's work and raises ``KeyboardInterrupt`` here; the kernel and its state are
+        kept (one that ignores the interrupt for ``INTERRUPT_GRACE_S`` is replaced).
         """
         return self._runner.run(self._call(func, args, kwargs))
 
@@ -628,7 +728,8 @@ class Pool:
         return await self._runner.wrap(self._call(func, args, kwargs))
 
     def map(self, func: Any, items: Iterable[Any], *, chunksize: int | None = None) -> list[Any]:
-        """``[func(x) for x in items]`` spread over the pool's kernels, order kept."""
+        """``[func(x) for x in items]`` spread over the pool's kernels, order kept.
+        Ctrl-C interrupts the chunks running and drops those waiting (see ``call``)."""
         return self._runner.run(self._map(func, items, chunksize))
 
     async def amap(
@@ -680,10 +781,10 @@ class Pool:
 
     def health(self) -> dict[str, Any]:
         """Per kernel: pid, state, session, RSS, uptime, calls served."""
-        return self._runner.run(_as_coroutine(self._health))
+        return self._runner.run(self._health())
 
     async def ahealth(self) -> dict[str, Any]:
-        return await self._runner.wrap(_as_coroutine(self._health))
+        return await self._runner.wrap(self._health())
 
     @property
     def sessions(self) -> list[Session]:
@@ -693,9 +794,57 @@ class Pool:
     def kernel_pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.pid is not None]
 
+    # ---- public read-only views (for notebook/ and optimizers/, which stay off privates)
+    @property
+    def closed(self) -> bool:
+        """True once the pool (or its manager) was shut down."""
+        return self._closed
 
-async def _as_coroutine(func: Any) -> Any:
-    return func()
+    @property
+    def workers(self) -> list[KernelWorker]:
+        """A snapshot of the pool's kernels (starting, idle, busy), for display and actions."""
+        return list(self._workers)
+
+    @property
+    def runner(self) -> LoopThread:
+        """The loop thread this pool runs on: drive your own coroutines over the pool's
+        async API there (``runner.run(coro)`` blocks, ``runner.submit(coro)`` does not)."""
+        return self._runner
+
+
+def _tree_sizes(pids: list[int | None]) -> list[int]:
+    return [process_tree_rss(pid) for pid in pids]
+
+
+def _looks_large(values: Iterable[Any], depth: int = 0) -> bool:
+    """Whether encoding ``values`` may take milliseconds: one of them (or of the small
+    containers among them) is an array, table, bytes or text of ``OFFLOAD_MIN_BYTES`` or
+    more, or a container of ``OFFLOAD_MIN_ITEMS`` or more. Sizes only: nothing is copied."""
+    for value in values:
+        if isinstance(value, (bytes, bytearray, str, memoryview)):
+            if len(value) >= OFFLOAD_MIN_BYTES:
+                return True
+            continue
+        size = getattr(value, "nbytes", None)  # numpy arrays, Arrow tables
+        if isinstance(size, int) and size >= OFFLOAD_MIN_BYTES:
+            return True
+        if hasattr(value, "memory_usage") and hasattr(value, "columns"):
+            return True  # a DataFrame: its conversion to Arrow alone takes milliseconds
+        if isinstance(value, (list, tuple, dict)):
+            if len(value) >= OFFLOAD_MIN_ITEMS:
+                return True
+            inner = value.values() if isinstance(value, dict) else value
+            if depth < 2 and _looks_large(inner, depth + 1):
+                return True
+    return False
+
+
+def _reply_is_large(desc: Any, buffers: list[Any]) -> bool:
+    """Whether decoding a reply may take milliseconds: it names exchange files, or its
+    message buffers hold ``OFFLOAD_MIN_BYTES`` or more."""
+    if exchange.file_names(desc):
+        return True
+    return sum(memoryview(b).nbytes for b in buffers) >= OFFLOAD_MIN_BYTES
 
 
 def _discard_reply(task: asyncio.Future[Any], config: exchange.ExchangeConfig) -> None:

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .. import exchange
+from ..protocol import encode_function
 from .errors import CallTimeout, RemoteError, SessionClosed, classify
 from .streams import Stream, StreamChannel
 
 if TYPE_CHECKING:
+    from .errors import Where
+    from .loop import LoopThread
     from .pool import Pool
     from .worker import KernelWorker
 
@@ -155,15 +158,12 @@ class Session:
         return None
 
     async def _call(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        from .pool import encode_function
-
         await self._ready()
         # Tables and arrays each in their own tier (message, mmap file, Arrow file).
         out = exchange.Outgoing(self._worker.exchange)
-        request = {
-            "func": encode_function(func, out.buffers),
-            "payload": out.encode_call(args, kwargs),
-        }
+        func_desc = encode_function(func, out.buffers)
+        payload = await self._pool._encode(out, out.encode_call, args, kwargs)
+        request = {"func": func_desc, "payload": payload}
         try:
             return await self._pool._run_op(
                 self._worker,
@@ -186,14 +186,14 @@ class Session:
         window: int,
         batch_items: int,
     ) -> StreamChannel:
-        from .pool import encode_function
-
         await self._ready()
         out = exchange.Outgoing(self._worker.exchange)
+        func_desc = encode_function(func, out.buffers)
+        payload = await self._pool._encode(out, out.encode_call, args, kwargs)
         request = {
             "stream_id": stream_id,
-            "func": encode_function(func, out.buffers),
-            "payload": out.encode_call(args, kwargs),
+            "func": func_desc,
+            "payload": payload,
             "window": window,
             "batch_items": batch_items,
         }
@@ -215,7 +215,13 @@ class Session:
     ) -> ExecuteResult:
         await self._ready()
         task = asyncio.ensure_future(self._worker.execute(code, on_output=on_output))
-        done, _ = await asyncio.wait({task}, timeout=timeout)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # Ctrl-C in the caller's cell: as in a notebook
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            if not task.done():
+                self._pool._spawn(self._worker.interrupt())
+            raise
         if not done:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             await self._worker.interrupt()
@@ -261,9 +267,13 @@ class Session:
                 outputs.put(_DONE)
 
         future = self._runner.submit(run())
-        # Outputs are shown from the calling thread, so they land in the caller's cell.
-        while (item := outputs.get()) is not _DONE:
-            show_output(item)
+        try:
+            # Outputs are shown from the calling thread, so they land in the caller's cell.
+            while (item := outputs.get()) is not _DONE:
+                show_output(item)
+        except KeyboardInterrupt:
+            future.cancel()  # interrupts the kernel; the session keeps its state
+            raise
         return future.result()
 
     async def aexecute(
@@ -284,8 +294,12 @@ class Session:
                 forward(_DONE)
 
         future = asyncio.wrap_future(self._runner.submit(run()))
-        while (item := await outputs.get()) is not _DONE:
-            show_output(item)
+        try:
+            while (item := await outputs.get()) is not _DONE:
+                show_output(item)
+        except asyncio.CancelledError:
+            future.cancel()  # interrupts the kernel; the session keeps its state
+            raise
         return await future
 
     def stream(self, func: Any, /, *args: Any, **kwargs: Any) -> Stream:
@@ -325,3 +339,23 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.arelease()
+
+    # ---- public read-only views (for notebook/ and optimizers/, which stay off privates)
+    @property
+    def pool(self) -> Pool:
+        """The pool this session's kernel belongs to."""
+        return self._pool
+
+    @property
+    def runner(self) -> LoopThread:
+        """The loop thread the session's pool runs on (see ``Pool.runner``)."""
+        return self._runner
+
+    def where(self) -> Where:
+        """Pool, kernel, session and Python of this session: what remote errors carry."""
+        return self._worker.where()
+
+    def kill(self) -> None:
+        """SIGKILL this session's kernel (the pool replaces it; the session is lost): for
+        work on a kernel thread that no interrupt reaches, such as a call hung on a socket."""
+        self._worker.kill()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,17 @@ class PoolSpec:
         object.__setattr__(self, "recovery", RecoveryPolicy.coerce(self.recovery))
         if not isinstance(self.startup, str):
             raise InvalidSpec(f"pool {self.name!r}: startup must be a string of Python code")
+
+    def __repr__(self) -> str:
+        """The dataclass's repr with ``env_vars`` values masked: they are often API keys,
+        and a repr ends up in notebooks, logs and tracebacks."""
+        parts = []
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name == "env_vars":
+                value = dict.fromkeys(value, "***")
+            parts.append(f"{item.name}={value!r}")
+        return f"PoolSpec({', '.join(parts)})"
 
     @property
     def max_memory_bytes(self) -> int | None:

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client import AsyncKernelManager
+from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.session import Session as JupyterSession
 
 from .. import protocol
@@ -48,6 +50,21 @@ _worker_numbers = itertools.count()
 logger = logging.getLogger("dspex_jupyter.worker")
 
 
+class _KernelManager(AsyncKernelManager):
+    """jupyter_client's kernel manager plus one hook: a command put in front of a LOCAL
+    kernel's command line (``sh -c 'echo $$ > cgroup.procs; exec "$@"'`` joins a memory
+    cgroup before the kernel allocates anything). Other provisioners build their own
+    command, maybe for another machine, and get no prefix."""
+
+    launch_prefix: list[str] = []
+
+    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+        cmd = super().format_kernel_cmd(extra_arguments)
+        if self.launch_prefix and isinstance(self.provisioner, LocalProvisioner):
+            return [*self.launch_prefix, *cmd]
+        return cmd
+
+
 @dataclass
 class _Execution:
     """An execute_request in flight: its outputs arrive on IOPub, its reply on shell."""
@@ -72,6 +89,9 @@ class KernelWorker:
         self.started_at = 0.0
         self.exit_code: int | None = None
         self.memory_exceeded: tuple[int, int] | None = None  # (rss, limit) when stopped for it
+        # Put before a local kernel's command (see _KernelManager), and run once it is gone.
+        self.launch_prefix: list[str] = []
+        self.when_gone: list[Callable[[], None]] = []
         self.rejected_messages = 0  # failed signature checks (see _deserialize)
         self.log_path: Path | None = None
         self._env = env
@@ -90,10 +110,22 @@ class KernelWorker:
 
     # ---- identity -------------------------------------------------------------------
     @property
-    def pid(self) -> int | None:
+    def _local_process(self) -> subprocess.Popen[bytes] | None:
+        """The kernel's process when it runs here (jupyter_client's local provisioner keeps
+        a Popen); None for a kernel another provisioner runs, maybe on another machine."""
         provisioner = self._km.provisioner if self._km else None
         process = getattr(provisioner, "process", None)
-        return getattr(process, "pid", None)
+        return process if isinstance(process, subprocess.Popen) else None
+
+    @property
+    def pid(self) -> int | None:
+        """The kernel's process id on this machine; None when it is not local."""
+        process = self._local_process
+        return process.pid if process is not None else None
+
+    @property
+    def is_local(self) -> bool:
+        return self._local_process is not None
 
     @property
     def connection_file(self) -> str:
@@ -114,12 +146,13 @@ class KernelWorker:
         loop = asyncio.get_running_loop()
         self.dead = loop.create_future()
         stem = f"k{self.number}-{self._comm_id[:6]}"
-        self._km = AsyncKernelManager(
+        self._km = _KernelManager(
             kernel_spec_manager=self.source.kernel_spec_manager,
             kernel_name=self.source.kernel_name,
             transport="ipc",
             connection_file=str(self._runtime_dir / f"{stem}.json"),
         )
+        self._km.launch_prefix = list(self.launch_prefix)
         # The kernel's own stdout/stderr (ipykernel's log lines, C-level prints) go to a
         # private log file, not to the notebook process's stderr, where ipykernel would
         # forward them into whichever cell happens to run.
@@ -183,10 +216,18 @@ class KernelWorker:
             with contextlib.suppress(OSError):
                 os.chmod(path, 0o600)
 
-    def poll(self) -> int | None:
-        """The kernel process's exit code, or None while it runs (a non-blocking waitpid)."""
-        process = getattr(self._km.provisioner if self._km else None, "process", None)
+    def poll_local(self) -> int | None:
+        """A local kernel's exit code, or None while it runs (a non-blocking waitpid)."""
+        process = self._local_process
         return process.poll() if process is not None else None
+
+    async def poll(self) -> int | None:
+        """The exit code, or None while the kernel runs, as its provisioner sees it: the
+        one question every provisioner answers, wherever the kernel runs."""
+        provisioner = self._km.provisioner if self._km else None
+        if provisioner is None:
+            return None
+        return await provisioner.poll()
 
     def mark_dead(self, exit_code: int | None) -> None:
         """Called by the pool's monitor: fail everything in flight, never leave it hanging."""
@@ -241,11 +282,19 @@ class KernelWorker:
         return self.inflight == 0
 
     def kill(self) -> None:
-        """SIGKILL the kernel; the pool's watcher then replaces it."""
+        """SIGKILL the kernel (through its provisioner when it is not local); the pool's
+        watcher then replaces it."""
+        if self.state == "dead":
+            return
         pid = self.pid
-        if pid is not None and self.state != "dead":
+        if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            return
+        provisioner = self._km.provisioner if self._km else None
+        if provisioner is not None:
+            task = asyncio.ensure_future(provisioner.kill())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def interrupt(self) -> None:
         if self._km is not None and self.state != "dead":
@@ -273,6 +322,12 @@ class KernelWorker:
         if self.dead is not None and not self.dead.done():
             self.dead.set_result(None)
         self.state = "dead"
+        callbacks, self.when_gone = self.when_gone, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a cleanup must not stop the others
+                logger.exception("kernel %s: cleanup after shutdown failed", self.id)
 
     # ---- messaging ------------------------------------------------------------------
     def _send(

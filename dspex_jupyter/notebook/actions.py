@@ -37,22 +37,23 @@ def _pools_named(name: str) -> list[Pool]:
 
 
 async def _workers_of(pool: Pool) -> list[KernelWorker]:
-    return list(pool._workers)
+    """The pool's kernels, read on its loop thread (where they change)."""
+    return pool.workers
 
 
 async def _replacement(pool: Pool, killed: KernelWorker, timeout: float) -> list[str]:
     """Wait until the pool saw ``killed`` die and is back at full size; the new kernels."""
-    before = {w.id for w in pool._workers}
+    before = {w.id for w in pool.workers}
     if killed.dead is not None:
         await asyncio.wait({killed.dead}, timeout=timeout)
-    await pool._wait_ready(timeout)
-    return sorted(w.id for w in pool._workers if w.id not in before and w.state != "starting")
+    await pool.await_ready(timeout)
+    return sorted(w.id for w in pool.workers if w.id not in before and w.state != "starting")
 
 
 def restart_kernel(pool: str, kernel: str, timeout: float = ACTION_TIMEOUT_S) -> str:
     """Kill one kernel of a pool and wait for its replacement (see the module docstring)."""
     for found in _pools_named(pool):
-        for worker in found._runner.run(_workers_of(found)):
+        for worker in found.runner.run(_workers_of(found)):
             if worker.id != kernel:
                 continue
             if worker.state in ("dead", "stopping"):
@@ -60,7 +61,7 @@ def restart_kernel(pool: str, kernel: str, timeout: float = ACTION_TIMEOUT_S) ->
             pid, session = worker.pid, worker.session
             worker.kill()
             lost = f"; session {session} held there is lost" if session else ""
-            new = found._runner.run(_replacement(found, worker, timeout))
+            new = found.runner.run(_replacement(found, worker, timeout))
             replaced = f"replaced by {', '.join(new)}" if new else "its replacement is starting"
             return f"kernel {kernel} (pid {pid}) killed and {replaced}{lost}"
     raise DspexError(
@@ -113,8 +114,8 @@ def _run(run: OptimizationRun | str) -> OptimizationRun:
 
 def run_pool(run: OptimizationRun) -> Pool:
     """The pool a run's session came from, if it still runs (else one of that name)."""
-    pool = run.session._pool
-    if not pool._closed:
+    pool = run.session.pool
+    if not pool.closed:
         return pool
     return registry.find_pool(run.session.pool_name)
 

@@ -1,7 +1,9 @@
 """GPU memory per device and the share each pool kernel takes, refreshed while shown.
 
 Without a GPU it says so and shows each kernel's RSS against its pool's ``max_memory``.
-The refresh timer starts when the widget is displayed and stops when it is closed.
+The refresh timer starts when the widget is displayed and stops when it is closed. It reads
+the snapshot it shares with the sidebar and the pool dashboard (its own, if given managers
+or an NVML module), so NVML is asked once however many of them are shown.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from ..core.gpu import gpu_memory, kernel_memory_rows, kernel_refs
+from ..core.gpu import kernel_memory_rows
 from ..core.spec import format_bytes
 from .html_render import html_table, usage_bar
-from .snapshot import pool_health
+from .snapshot import SHARED, snapshot
 from .timers import PeriodicRefresh, RefreshedWhileShown
 
 if TYPE_CHECKING:
@@ -44,12 +46,16 @@ class GpuMemoryWidget(RefreshedWhileShown, widgets.VBox):
 
     def refresh(self) -> None:
         """Measure again and redraw."""
-        health = pool_health(self._managers)
-        self.state = gpu_memory(kernel_refs(health), nvml=self._nvml)
+        if self._managers is None and self._nvml is None:
+            taken = SHARED.get()
+        else:
+            taken = snapshot(self._managers, runs=[], nvml=self._nvml)
+        self.state = taken["gpu"]
         if self.state["available"]:
             self.body.value = self._gpu_html(self.state)
         else:
-            self.body.value = self._no_gpu_html(self.state["reason"], kernel_memory_rows(health))
+            rows = kernel_memory_rows(taken["pools"])
+            self.body.value = self._no_gpu_html(self.state["reason"], rows)
 
     @staticmethod
     def _gpu_html(state: dict[str, Any]) -> str:

@@ -42,7 +42,7 @@ from ..checkpoint import CheckpointError
 from ..core.errors import DspexError
 from . import actions
 from .html_render import first_line
-from .snapshot import snapshot
+from .snapshot import SHARED
 
 logger = logging.getLogger("dspex_jupyter.notebook")
 
@@ -79,12 +79,15 @@ class LabBridge:
 
     def __init__(
         self,
-        make_snapshot: Callable[[], dict[str, Any]] = snapshot,
+        make_snapshot: Callable[[], dict[str, Any]] | None = None,
         *,
         check_interval: float = CHANGE_CHECK_INTERVAL_S,
         refresh_interval: float = REFRESH_INTERVAL_S,
     ) -> None:
-        self._make_snapshot = make_snapshot
+        # By default the snapshot shared with the notebook's widgets: one health and NVML
+        # query per interval, however many sidebars and widgets are open.
+        self._shared = make_snapshot is None
+        self._make_snapshot = make_snapshot or SHARED.get
         self.check_interval = check_interval
         self.refresh_interval = refresh_interval
         self._comms: list[Any] = []
@@ -172,6 +175,8 @@ class LabBridge:
             logger.exception("dspex lab action failed")
             ok, message = False, f"{type(exc).__name__}: {first_line(str(exc))}"
         self._reply(comm, request_id, ok, message)
+        if self._shared:
+            SHARED.invalidate()  # the next state is taken after the action
         self._wake.set()  # the state changed: send it soon
 
     def _reply(self, comm: Any, request_id: Any, ok: bool, message: str) -> None:

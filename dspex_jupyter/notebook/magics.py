@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -262,14 +263,14 @@ class DspexMagics(Magics):
         )
         manager = registry.default_manager()
         if args.name in manager.pools:
-            if manager._specs.get(args.name) == spec:
+            if manager.spec(args.name) == spec:
                 print(f"pool {args.name!r} is already running")
                 return
             raise DspexError(
                 f"pool {args.name!r} is already running with other settings",
                 hint=f"stop it first: %dspex stop {args.name}",
             )
-        manager._specs.pop(args.name, None)  # settings of a stopped pool of that name
+        manager.forget_spec(args.name)  # settings of a stopped pool of that name
         (pool,) = manager.start(spec)
         print(f"pool {pool.name!r}: {spec.size} kernel(s) ready ({pool.source.description})")
 
@@ -595,12 +596,20 @@ DspexMagics.dspex.__doc__ = overview()
 
 # ---- the extension -------------------------------------------------------------------
 _RUN_TYPE = ("dspex_jupyter.optimizers.mipro", "OptimizationRun")
+# What the extension registered, per shell: kept beside the shell rather than set on it,
+# and gone with it.
+_LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def extension_state(ipython: Any) -> dict[str, Any] | None:
+    """The extension's ``{"magics", "bridge"}`` in ``ipython``; None when not loaded."""
+    return _LOADED.get(ipython)
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the magics, show runs as dashboards, and serve the lab sidebar's comm.
     Loading again does nothing."""
-    if getattr(ipython, "_dspex_extension", None) is not None:
+    if ipython in _LOADED:
         return
     from .run_dashboard import display_run
 
@@ -614,12 +623,12 @@ def load_ipython_extension(ipython: Any) -> None:
 
         bridge = LabBridge()
         bridge.register()
-    ipython._dspex_extension = {"magics": magics, "bridge": bridge}
+    _LOADED[ipython] = {"magics": magics, "bridge": bridge}
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Undo ``load_ipython_extension``; pools and runs keep going."""
-    state = getattr(ipython, "_dspex_extension", None)
+    state = _LOADED.pop(ipython, None)
     if state is None:
         return
     if state["bridge"] is not None:
@@ -629,4 +638,3 @@ def unload_ipython_extension(ipython: Any) -> None:
         formatter.pop(".".join(_RUN_TYPE))
     for kind in ("line", "cell"):
         ipython.magics_manager.magics[kind].pop("dspex", None)
-    ipython._dspex_extension = None

@@ -1,6 +1,7 @@
 """Pools, their kernels and sessions, with restart-kernel and release-session buttons.
 
-Rendered from ``snapshot()`` and refreshed every two seconds while displayed. Restarting
+Rendered from the snapshot it shares with the sidebar and the GPU widget (``snapshot()`` of
+its own managers, if given some) and refreshed every two seconds while displayed. Restarting
 a kernel kills its process and lets the pool replace it (see ``actions``).
 """
 
@@ -17,7 +18,7 @@ import ipywidgets as widgets
 from ..core.errors import DspexError
 from . import actions
 from .html_render import first_line, format_duration, html_table, usage_bar
-from .snapshot import snapshot
+from .snapshot import SHARED, snapshot
 from .timers import PeriodicRefresh, RefreshedWhileShown
 
 if TYPE_CHECKING:
@@ -94,10 +95,15 @@ class PoolDashboard(RefreshedWhileShown, widgets.VBox):
         )
         self.refresh()
 
-    def refresh(self) -> None:
-        """Read the pools again and redraw."""
+    def refresh(self, *, fresh: bool = False) -> None:
+        """Read the pools again and redraw; ``fresh``: from a snapshot taken now, not
+        the shared one of the last half second (after an action)."""
         with self._refreshing:
-            self._redraw(snapshot(self._managers, runs=[], gpu=False))
+            if self._managers is None:
+                state = SHARED.get(0.0 if fresh else None)
+            else:
+                state = snapshot(self._managers, runs=[], gpu=False)
+            self._redraw(state)
 
     def _redraw(self, state: dict[str, Any]) -> None:
         self.state = state
@@ -148,7 +154,7 @@ class PoolDashboard(RefreshedWhileShown, widgets.VBox):
         self.outcome.value = f'<span style="color:{colour}">{escape(message)}</span>'
         self._idle.set()
         with contextlib.suppress(Exception):
-            self.refresh()
+            self.refresh(fresh=True)
 
     def _restart(self) -> str:
         if self.kernel_picker.value is None:

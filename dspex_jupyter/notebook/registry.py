@@ -28,7 +28,7 @@ def default_manager() -> PoolManager:
     from ..core.manager import PoolManager
 
     with _lock:
-        if _default is None or _default._closed:
+        if _default is None or _default.closed:
             _default = PoolManager()
         return _default
 
@@ -44,10 +44,9 @@ def shutdown_default_manager() -> None:
 
 def managers() -> list[PoolManager]:
     """Every manager of this process that is not shut down, the default one first."""
-    from ..core.manager import _live_managers
+    from ..core.manager import live_managers
 
-    found = [m for m in list(_live_managers) if not m._closed]
-    return sorted(found, key=lambda m: m is not _default)
+    return sorted(live_managers(), key=lambda m: m is not _default)
 
 
 def find_pool(name: str) -> Pool:

@@ -1,8 +1,9 @@
 """The live dashboard of an optimization run.
 
 It shows the phase and a progress bar per phase, an ETA, every trial's score with the best
-so far (an SVG chart), the candidate instructions with their scores, LM calls, tokens and
-cost, the status and the error, plus checkpoint/cancel/resume buttons. Events update a
+so far (an SVG chart), the candidate instructions with their scores, LM calls (sent and
+cached), tokens and cost against the run's budget, "waiting for the LM" while it is down,
+warnings, the status and the error, plus checkpoint/cancel/resume buttons. Events update a
 ``RunProgress`` as they arrive (on the manager's thread); the widgets are redrawn from it
 at most ten times a second by one background thread, so a flood of events never floods
 the browser. A dashboard is kernel-side state: display it again (``%dspex attach``) after
@@ -23,7 +24,14 @@ import ipywidgets as widgets
 from ..checkpoint import read_json_checked
 from .checkpoint_controls import CheckpointControls
 from .html_render import Raw, first_line, format_duration, html_table
-from .run_progress import FINISHED, PHASES, RunProgress, trials_from_snapshot
+from .run_progress import (
+    FINISHED,
+    PHASES,
+    RunProgress,
+    budget_lines,
+    trials_from_snapshot,
+    waiting_line,
+)
 from .score_chart import score_chart_svg
 from .timers import CoalescedRedraw
 
@@ -67,6 +75,7 @@ class RunDashboard(widgets.VBox):
         self.chart = widgets.HTML()
         self.candidates = widgets.HTML()
         self.usage = widgets.HTML()
+        self.notice = widgets.HTML()  # waiting for the LM, warnings
         self.error = widgets.HTML()
         self._redraw = CoalescedRedraw(
             self._draw,
@@ -84,6 +93,7 @@ class RunDashboard(widgets.VBox):
                 self.chart,
                 self.candidates,
                 self.usage,
+                self.notice,
                 self.error,
                 self.controls,
             ]
@@ -164,7 +174,8 @@ class RunDashboard(widgets.VBox):
         self.eta.value = f"<b>ETA</b> {format_duration(eta)}" if eta is not None else "<b>ETA</b> -"
         self.chart.value = score_chart_svg(state.trials)
         self.candidates.value = self._candidates_html(state)
-        self.usage.value = self._usage_html(state.usage)
+        self.usage.value = self._usage_html(state.usage, state.budget)
+        self.notice.value = self._notice_html(state)
         self.error.value = self._error_html(state, run)
         self.controls.refresh()
 
@@ -223,16 +234,30 @@ class RunDashboard(widgets.VBox):
         return html_table(headers, rows, css_class="dspex-candidates")
 
     @staticmethod
-    def _usage_html(usage: dict[str, Any]) -> str:
+    def _usage_html(usage: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
         calls = int(usage.get("calls") or 0)
+        cached = int(usage.get("cached_calls") or 0)
         total = int(usage.get("total_tokens") or 0)
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
         cost = float(usage.get("cost") or 0.0)
+        against = budget_lines(usage, budget)
+        limits = f" · <b>budget</b> {escape(', '.join(against))}" if against else ""
         return (
-            f'<div class="dspex-usage"><b>LM calls</b> {calls:,} · <b>tokens</b> {total:,} '
-            f"(prompt {prompt:,}, completion {completion:,}) · <b>cost</b> ${cost:.4f}</div>"
+            f'<div class="dspex-usage"><b>LM calls</b> {calls:,} sent, {cached:,} from the cache'
+            f" · <b>tokens</b> {total:,} (prompt {prompt:,}, completion {completion:,}) · "
+            f"<b>cost</b> ${cost:.4f}{limits}</div>"
         )
+
+    @staticmethod
+    def _notice_html(state: RunProgress) -> str:
+        lines = []
+        if state.waiting is not None and state.status not in FINISHED:
+            text = escape(waiting_line(state.waiting))
+            lines.append(f'<div class="dspex-waiting" style="color:#b26a00">{text}</div>')
+        for warning in map(escape, state.warnings):
+            lines.append(f'<div class="dspex-warning" style="color:#8a6d3b">{warning}</div>')
+        return "".join(lines)
 
     @staticmethod
     def _error_html(state: RunProgress, run: Any) -> str:

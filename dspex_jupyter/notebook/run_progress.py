@@ -1,7 +1,8 @@
 """What a run's dashboard shows, folded from the run's events: no widgets, no I/O.
 
 Event kinds and fields are those of ``dspex_jupyter.runtime.mipro`` ("status", "phase",
-"candidate", "trial", "checkpoint", "complete", "cancelled", "error", "resumed").
+"candidate", "trial", "checkpoint", "complete", "cancelled", "error", "resumed", "waiting",
+"recovery", "warning", "budget").
 """
 
 from __future__ import annotations
@@ -13,6 +14,31 @@ from typing import Any
 
 PHASES = ("bootstrap", "propose", "search")
 FINISHED = ("completed", "cancelled", "failed")
+# (budget name, usage key, how to show an amount)
+BUDGETS = (
+    ("max_calls", "calls", lambda v: f"{int(v):,}"),
+    ("max_tokens", "total_tokens", lambda v: f"{int(v):,}"),
+    ("max_cost", "cost", lambda v: f"${float(v):.4f}"),
+)
+
+
+def waiting_line(event: dict[str, Any]) -> str:
+    """The line "waiting for the LM: connection refused, next try in 8 s" of an event."""
+    reason = " ".join(str(event.get("reason") or event.get("lm_failure") or "").split())
+    if len(reason) > 90:
+        reason = reason[:89] + "…"
+    delay = float(event.get("next_try_in") or 0)
+    return f"waiting for the LM: {reason or 'no answer'}, next try in {delay:.0f} s"
+
+
+def budget_lines(usage: dict[str, Any], budget: dict[str, Any] | None) -> list[str]:
+    """Usage against each budget the run has: "calls 120 / 500" and the like."""
+    lines = []
+    for name, key, show in BUDGETS:
+        if budget and budget.get(name) is not None:
+            used = usage.get(key) or 0
+            lines.append(f"{key.replace('total_', '')} {show(used)} / {show(budget[name])}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,9 @@ class RunProgress:
         self.error: dict[str, Any] | None = None
         self.last_checkpoint: dict[str, Any] | None = None
         self.cancelled_checkpoint: str | None = None
+        self.budget: dict[str, Any] | None = None
+        self.waiting: dict[str, Any] | None = None  # the LM is down: the last waiting event
+        self.warnings: list[str] = []
         self.events_seen = 0
         # Trial times since the run (re)started in its current kernel, for the ETA.
         self._timed: list[tuple[int, float]] = []
@@ -86,6 +115,24 @@ class RunProgress:
     def _on_status(self, event: dict[str, Any]) -> None:
         if self.status not in FINISHED:
             self.status = event.get("status", self.status)
+        if event.get("budget"):
+            self.budget = dict(event["budget"])
+
+    def _on_waiting(self, event: dict[str, Any]) -> None:
+        self.waiting = dict(event)
+
+    def _on_recovery(self, event: dict[str, Any]) -> None:
+        if event.get("action") == "lm_back":
+            self.waiting = None
+
+    def _on_warning(self, event: dict[str, Any]) -> None:
+        message = str(event.get("message") or "")
+        if message and message not in self.warnings:
+            self.warnings.append(message)
+
+    def _on_budget(self, event: dict[str, Any]) -> None:
+        if self.budget is None:
+            self.budget = {event.get("limit"): event.get("budget")}
 
     def _on_phase(self, event: dict[str, Any]) -> None:
         name = event.get("phase")
@@ -111,6 +158,7 @@ class RunProgress:
             propose.step = min(propose.total, max(propose.step, int(event["index"]) + 1))
 
     def _on_trial(self, event: dict[str, Any]) -> None:
+        self.waiting = None  # a trial finished: the LM answers
         point = TrialPoint(
             number=int(event["number"]),
             eval=str(event.get("eval", "minibatch")),
@@ -137,6 +185,7 @@ class RunProgress:
 
     def _on_complete(self, event: dict[str, Any]) -> None:
         self.status = "completed"
+        self.waiting = None
         self.best_score = event.get("best_score", self.best_score)
         if event.get("usage"):
             self.usage = dict(event["usage"])
@@ -147,10 +196,16 @@ class RunProgress:
 
     def _on_cancelled(self, event: dict[str, Any]) -> None:
         self.status = "cancelled"
+        self.waiting = None
         self.cancelled_checkpoint = event.get("checkpoint")
+        if event.get("usage"):
+            self.usage = dict(event["usage"])
 
     def _on_error(self, event: dict[str, Any]) -> None:
         self.status = "failed"
+        self.waiting = None
+        if event.get("usage"):
+            self.usage = dict(event["usage"])
         self.error = {
             "type": event.get("error_type", "Error"),
             "message": event.get("message", ""),
@@ -185,14 +240,19 @@ class RunProgress:
     def copy(self) -> RunProgress:
         """A consistent copy to render from while events keep arriving."""
         with self._lock:
-            clone = copy.copy(self)
-            clone._lock = threading.Lock()
-            clone.phases = {k: copy.copy(v) for k, v in self.phases.items()}
-            clone.trials = list(self.trials)
-            clone.candidates = dict(self.candidates)
-            clone.usage = dict(self.usage)
-            clone._timed = list(self._timed)
-            return clone
+            state = dict(vars(self))
+            state.update(
+                _lock=threading.Lock(),
+                _timed=list(self._timed),
+                phases={k: copy.copy(v) for k, v in self.phases.items()},
+                trials=list(self.trials),
+                candidates=dict(self.candidates),
+                usage=dict(self.usage),
+                warnings=list(self.warnings),
+            )
+        clone = RunProgress.__new__(RunProgress)
+        vars(clone).update(state)
+        return clone
 
     def eta_seconds(self) -> float | None:
         """Seconds left in the search, from the pace of the trials seen so far."""

@@ -37,8 +37,11 @@ are bytes, times are seconds, ``time`` is a Unix timestamp):
           "total": int | null,             # ... out of this many (search: trials)
           "trials": int,                   # trials evaluated so far
           "best_score": float | null,
-          "usage": {"calls": int, "prompt_tokens": int, "completion_tokens": int,
-                    "total_tokens": int, "cost": float},   # {} before the first trial
+          "usage": {"calls": int, "cached_calls": int, "prompt_tokens": int,
+                    "completion_tokens": int, "total_tokens": int, "cost": float},
+                                           # {} before the first trial
+          "budget": {"max_calls": int, "max_tokens": int, "max_cost": float},  # those set
+          "notice": str | null,            # "waiting for the LM: ...", or a warning
           "pool": str,
           "checkpoint_dir": str,
           "error": str | null              # one line
@@ -60,11 +63,12 @@ are bytes, times are seconds, ``time`` is a Unix timestamp):
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..core.gpu import gpu_memory, kernel_refs
+from ..core.gpu import gpu_memory, kernel_refs, merge_gpu_states
 from . import registry
 from .html_render import first_line
 
@@ -73,18 +77,24 @@ if TYPE_CHECKING:
     from ..optimizers.mipro import OptimizationRun
 
 KERNEL_KEYS = ("id", "pid", "state", "session", "rss", "uptime", "calls_served")
+# The shared snapshot is taken again once it is this old (the sidebar asks twice a second).
+SHARED_MAX_AGE_S = 0.5
+
+
+def manager_health(managers: Iterable[PoolManager] | None = None) -> list[dict[str, Any]]:
+    """``PoolManager.health()`` of every live manager (or of ``managers``)."""
+    found = []
+    for manager in registry.managers() if managers is None else managers:
+        try:
+            found.append(manager.health())
+        except RuntimeError:  # shut down meanwhile
+            continue
+    return found
 
 
 def pool_health(managers: Iterable[PoolManager] | None = None) -> list[dict[str, Any]]:
     """``Pool.health()`` of every running pool (of every live manager by default)."""
-    pools = []
-    for manager in registry.managers() if managers is None else managers:
-        try:
-            health = manager.health()
-        except RuntimeError:  # shut down meanwhile
-            continue
-        pools.extend(health["pools"].values())
-    return pools
+    return [pool for health in manager_health(managers) for pool in health["pools"].values()]
 
 
 def run_summary(run: OptimizationRun) -> dict[str, Any]:
@@ -103,6 +113,8 @@ def run_summary(run: OptimizationRun) -> dict[str, Any]:
         "trials": int(run.metrics.get("trials", 0)),
         "best_score": run.metrics.get("best_score"),
         "usage": dict(run.metrics.get("usage") or {}),
+        "budget": dict(run.metrics.get("budget") or {}),  # max_calls/max_tokens/max_cost
+        "notice": getattr(run, "notice", None),  # "waiting for the LM: ...", a warning
         "pool": run.session.pool_name,
         "checkpoint_dir": str(run.checkpoint_dir),
         "error": error,
@@ -119,8 +131,9 @@ def snapshot(
     """Pools, kernels, sessions, runs and GPU memory now (schema in the module docstring).
 
     Blocks briefly on the managers' threads: call it from the notebook's thread or a
-    timer thread, never from an event callback."""
-    health = pool_health(managers)
+    timer thread, never from an event callback. Readers that poll use ``shared_snapshot``."""
+    healths = manager_health(managers)
+    health = [pool for h in healths for pool in h["pools"].values()]
     pools = [
         {
             "name": p["name"],
@@ -135,7 +148,11 @@ def snapshot(
         for p in health
     ]
     if gpu:
-        memory = gpu_memory(kernel_refs(health), nvml=nvml)
+        measured = [h["gpu"] for h in healths if "gpu" in h]
+        if nvml is None and healths and len(measured) == len(healths):
+            memory = merge_gpu_states(measured)  # health() asked NVML already, off its loop
+        else:
+            memory = gpu_memory(kernel_refs(health), nvml=nvml)
         gpu_state = {k: memory[k] for k in ("available", "reason", "devices")}
     else:
         gpu_state = {"available": False, "reason": "not measured", "devices": []}
@@ -146,3 +163,50 @@ def snapshot(
         "gpu": gpu_state,
         "sessions_active": sum(len(p["sessions"]) for p in pools),
     }
+
+
+class SharedSnapshot:
+    """One snapshot for every reader that polls (the JupyterLab sidebar, the pool
+    dashboard, the GPU widget): taken at most once per ``max_age`` seconds however many
+    read it, so the pools' health and NVML are asked once, not once per reader. It is
+    taken on the reading thread (a timer or the bridge's thread), never on a manager's
+    event loop. Readers must not modify what ``get`` returns: it is shared."""
+
+    def __init__(
+        self,
+        make: Callable[[], dict[str, Any]] = snapshot,
+        max_age: float = SHARED_MAX_AGE_S,
+    ) -> None:
+        self._make = make
+        self.max_age = max_age
+        self._lock = threading.Lock()  # held while taking one: others wait, then share it
+        self._state: dict[str, Any] | None = None
+        self._taken = float("-inf")
+        self.taken = 0  # snapshots taken so far (for tests and benchmarks)
+
+    def get(self, max_age: float | None = None) -> dict[str, Any]:
+        """The latest snapshot, taken now if it is older than ``max_age`` (default: the
+        source's); ``max_age=0`` for one taken after everything done so far."""
+        limit = self.max_age if max_age is None else max_age
+        asked = time.monotonic()
+        with self._lock:
+            # One taken after this call began is fresh enough for any max_age.
+            if self._state is None or (self._taken < asked and asked - self._taken >= limit):
+                started = time.monotonic()
+                self._state = self._make()
+                self._taken = started
+                self.taken += 1
+            return self._state
+
+    def invalidate(self) -> None:
+        """Something changed (an action ran): the next ``get`` takes a new snapshot."""
+        with self._lock:
+            self._state = None
+
+
+SHARED = SharedSnapshot()
+
+
+def shared_snapshot(max_age: float | None = None) -> dict[str, Any]:
+    """``snapshot()`` of every live manager and run, shared by all its readers."""
+    return SHARED.get(max_age)

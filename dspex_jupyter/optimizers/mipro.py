@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
+import re
 import threading
 import time
 import uuid
@@ -19,12 +21,26 @@ from typing import Any
 
 from ..checkpoint import CheckpointDir, example_to_json, scrub_secrets
 from ..core import lifecycle
-from ..core.errors import DspexError, KernelDied, PoolNotFound, RemoteError, classify
+from ..core.errors import (
+    DspexError,
+    InvalidLM,
+    InvalidSpec,
+    KernelDied,
+    NothingToResume,
+    PoolNotFound,
+    RemoteError,
+    classify,
+)
 from ..core.pool import Pool
 from ..core.recovery import RecoveryPolicy
 from ..core.session import Session
+from ..runtime.sources import class_sources, defined_in_memory, program_parts
+from ..trust import kernel_trust, modules_named, sign_checkpoint, sign_new_run
 
 RUNTIME = "dspex_jupyter.runtime.mipro"
+# cancel(): how long the run gets to stop at a safe point before its kernel is killed
+# (its thread there cannot be interrupted: it is not the kernel's main thread).
+CANCEL_GRACE_S = 2.5
 # Runs of this process by run id (a resumed run replaces its predecessor), for dashboards.
 _live_runs: weakref.WeakValueDictionary[str, OptimizationRun] = weakref.WeakValueDictionary()
 
@@ -47,11 +63,14 @@ def _callable_spec(obj: Any, what: str) -> tuple[dict[str, Any], Any]:
     """An import path travels as a reference (and survives in checkpoints); anything
     else travels by value, in memory only."""
     if isinstance(obj, str):
-        if ":" not in obj:
-            raise ValueError(f"{what} reference {obj!r} must look like 'package.module:name'")
+        if not _IMPORT_PATH.match(obj):
+            raise InvalidSpec(
+                f"{what} reference {obj!r} must look like 'package.module:name'",
+                hint=f"name the {what} by its import path, or pass the object itself",
+            )
         return {"kind": "ref", "ref": obj}, None
     if obj is None:
-        raise ValueError(f"{what} is required")
+        raise InvalidSpec(f"{what} is required", hint=f"pass {what}= (an object or 'pkg.mod:name')")
     return {"kind": "value"}, obj
 
 
@@ -88,25 +107,84 @@ def _signature_text(program: Any) -> str | None:
     return f"{inputs} -> {', '.join(outputs)}"
 
 
+# An import path: dotted names, one colon, dotted names ("package.module:name").
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# A model name DSPy routes by its provider prefix ("openai/gpt-4o-mini", "ollama_chat/x:8b").
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.\-]+/\S+$")
+
+
 def _lm_spec(lm: Any) -> dict[str, Any] | None:
+    """What a run records about an LM (in run.json) and how the kernel gets it:
+
+    - ``model``: a model name, built as ``dspy.LM(name)`` in the kernel, where the pool's
+      ``env_vars`` hold the keys and its packages choose the engine; rebuilt on resume;
+    - ``ref``: an import path naming an LM or a zero-argument function returning one,
+      imported in the kernel (on resume only from trusted modules);
+    - ``state``: an LM object whose ``dump_state()`` works: shipped by value, and
+      rebuildable from the checkpoint;
+    - ``value``: any other ``dspy.BaseLM`` (a custom engine without ``dump_state()``, a
+      class defined in the notebook): shipped by value, in memory only; the checkpoint
+      records its settings for the record, and resume needs it passed again.
+    """
     if lm is None:
         return None
     if isinstance(lm, str):
-        import dspy
+        return _lm_reference(lm)
+    import dspy
 
-        lm = dspy.LM(lm)
+    if not isinstance(lm, dspy.BaseLM):
+        raise InvalidLM(f"an LM must be a dspy.BaseLM or a string, got {type(lm).__name__}")
     cls = type(lm)
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "state": scrub_secrets(lm.dump_state()),
-    }
+    class_path = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        if defined_in_memory(cls):
+            raise TypeError(f"its class {cls.__qualname__} is defined in the notebook")
+        state = scrub_secrets(lm.dump_state())
+        json.dumps(state)
+    except Exception as exc:  # DSPy refuses (TypeError) or the state is not JSON
+        why = str(exc).partition(":")[0]  # DSPy's first clause says what cannot be saved
+        return {"kind": "value", "class": class_path, **_lm_record(lm), "unsaved": why}
+    return {"kind": "state", "class": class_path, "state": state}
+
+
+def _lm_reference(text: str) -> dict[str, Any]:
+    """A string LM: an import path or a model name; anything else is refused here, before
+    a session is taken (DSPy itself would fail later, with "LM must be an instance...")."""
+    if _IMPORT_PATH.match(text):
+        return {"kind": "ref", "ref": text}
+    if _MODEL_NAME.match(text):
+        return {"kind": "model", "model": text}
+    raise InvalidLM(
+        f"LM {text!r} is neither a model name 'provider/model' nor an import path "
+        "'package.module:name'"
+    )
+
+
+def _lm_record(lm: Any) -> dict[str, Any]:
+    """The settings of an LM that cannot be saved whole, as far as they are JSON."""
+    import dspy
+
+    engine = getattr(lm, "_engine_spec", None)
+    record: dict[str, Any] = {"model": getattr(lm, "model", None)}
+    if engine is not None and not isinstance(engine, str):
+        record["engine"] = f"{type(engine).__module__}:{type(engine).__qualname__}"
+    try:
+        settings = scrub_secrets(dspy.BaseLM.dump_state(lm))
+        json.dumps(settings)
+    except Exception:  # settings that are not JSON: the model name is all we keep
+        return record
+    return {**record, "settings": settings}
 
 
 def _shippable_lm(lm: Any) -> Any:
     """The LM as it travels to the kernel: its settings and engine, without the calls it
     made in the notebook. ``history`` keeps every call (~1.5 KB each) and would otherwise
-    be pickled along and copied again in the kernel by every ``lm.copy()``."""
-    if lm is None or isinstance(lm, str) or not getattr(lm, "history", None):
+    be pickled along and copied again in the kernel by every ``lm.copy()``. A string
+    travels as its spec: the kernel builds that LM (``runtime.mipro.build_lm``), which on
+    resume replaces the checkpoint's."""
+    if isinstance(lm, str):
+        return _lm_reference(lm)
+    if lm is None or not getattr(lm, "history", None):
         return lm
     shipped = copy.copy(lm)
     shipped.history = []
@@ -119,6 +197,17 @@ def _shippable_lms(task_lm: Any, prompt_lm: Any) -> dict[str, Any]:
         "task_lm": task,
         "prompt_lm": task if prompt_lm is task_lm else _shippable_lm(prompt_lm),
     }
+
+
+def _program_sources(program: Any) -> dict[str, Any]:
+    """The notebook cells the program's classes (its modules and signatures) come from,
+    sent with the run so ``inspect.getsource`` works in the kernel as it does here: DSPy's
+    program-aware proposer puts that source into its prompts (runtime/sources.py)."""
+    import dspy
+
+    if not isinstance(program, dspy.Module):
+        return {}
+    return class_sources(program_parts(program))
 
 
 # ---- the result ----------------------------------------------------------------------
@@ -168,8 +257,17 @@ class OptimizedModule:
         if program is None:
             program = self._program
         if program is None and self._spec["program"].get("kind") == "dspy":
-            module_name, _, name = self._spec["program"]["class"].partition(":")
-            cls = getattr(__import__(module_name, fromlist=[name]), name)
+            # The spec may come from a checkpoint: only DSPy's own classes (checked before
+            # anything is imported), and only a dspy.Module subclass is called.
+            from ..checkpoint import ForbiddenReferenceError, import_reference
+
+            ref = self._spec["program"]["class"]
+            cls = import_reference(ref, ("dspy",), "program class")
+            if not (isinstance(cls, type) and issubclass(cls, dspy.Module)):
+                raise ForbiddenReferenceError(
+                    f"program class {ref!r} is not a dspy.Module subclass; it was not called",
+                    hint="pass an instance of the program: optimized.to_dspy(MyProgram())",
+                )
             program = cls(self._spec["program"]["signature"])
         if program is None:
             raise DspexError(
@@ -202,7 +300,7 @@ class OptimizationRun:
     ) -> None:
         self.session = session
         session.owner = self  # restored with the run, not as a plain session
-        self.pool = session._pool
+        self.pool = session.pool
         self.recovery = recovery or RecoveryPolicy()
         self.auto_resumes = 0
         self.cancelled_after_trials: int | None = None  # trials done when cancel arrived
@@ -220,6 +318,7 @@ class OptimizationRun:
         self._changed = threading.Condition()
         self._result: OptimizedModule | None = None
         self._consumer: asyncio.Future[None] | None = None
+        self._cancelling = False  # cancel() asked: a kernel death now means "cancelled"
         # The notebook objects it was started with (program, metric, LMs): resume needs them.
         self.resume_objects: dict[str, Any] = {}
         _live_runs[run_id] = self
@@ -244,8 +343,10 @@ class OptimizationRun:
         for event in past:
             callback(event)
 
-    def _start_consuming(self, start: int = 0) -> None:
-        runner = self.session._runner
+    def follow_events(self, start: int = 0) -> None:
+        """Stream the run's events from the kernel into ``events`` (called by ``optimize``
+        and ``resume``; the stream ends when the run does)."""
+        runner = self.session.runner
         self._consumer = asyncio.wrap_future(runner.submit(self._consume(start)), loop=runner.loop)
 
     async def _consume(self, start: int) -> None:
@@ -256,6 +357,9 @@ class OptimizationRun:
                         self._apply(event)
                     break
                 except KernelDied as exc:
+                    if self._cancelling:  # cancel() killed the kernel of a run that hung
+                        self._cancelled_by_kill()
+                        break
                     if not await self._auto_resume(exc):
                         raise
                     start = 0
@@ -263,17 +367,46 @@ class OptimizationRun:
             self.error = exc
             self.status = "failed"
         finally:
-            if self.status == "completed":
-                try:
-                    result = await self.session.acall(f"{RUNTIME}:result", self.run_id)
-                    self._result = OptimizedModule(result, self.spec, self._program)
-                except BaseException as exc:
-                    self.error, self.status = exc, "failed"
-                else:
-                    await self.session.arelease()
+            await self._collect_and_release()
             with self._changed:
                 self._changed.notify_all()
             self._done.set()
+
+    async def _collect_and_release(self) -> None:
+        """The run ended (completed, failed or cancelled): take its result, let the kernel
+        forget it, and give the kernel back, so the pool's next run starts at once."""
+        session = self.session
+        if not session.active:
+            return
+        try:
+            if self.status == "completed":  # one round trip: the result, and forget it
+                result = await session.acall(f"{RUNTIME}:result", self.run_id, True)
+                self._result = OptimizedModule(result, self.spec, self._program)
+            else:
+                await session.acall(f"{RUNTIME}:forget", self.run_id)
+        except BaseException as exc:
+            if self.status == "completed":
+                self.error, self.status = exc, "failed"
+        finally:
+            if session.active:
+                await session.arelease()
+
+    def _cancelled_by_kill(self) -> None:
+        """The run's kernel was killed by cancel(): the run ends at its last snapshot,
+        every one of which is clean (none is written after a step that met an error)."""
+        self._apply(
+            {
+                "seq": -1,
+                "time": time.time(),
+                "kind": "cancelled",
+                "checkpoint": self._latest_snapshot(),
+                "kernel_killed": True,
+            }
+        )
+
+    def _latest_snapshot(self) -> str | None:
+        path, _, _ = CheckpointDir(self.checkpoint_dir).newest_readable()
+        return str(path) if path else None
 
     async def _auto_resume(self, exc: BaseException) -> bool:
         """The run's kernel died: on a fresh kernel, go on from the last checkpoint."""
@@ -291,15 +424,19 @@ class OptimizationRun:
             }
         )
         pool = self.pool
-        if not await pool._wait_ready(timeout=120):
+        if not await pool.await_ready(timeout=120):
             return False
-        session = await pool._open_session(None, timeout=120, call_timeout=None)
+        session = await pool.asession(None, timeout=120, call_timeout=None)
         try:
-            await session._call(
-                f"{RUNTIME}:resume_run", (str(self.checkpoint_dir), self._objects, None), {}
+            await session.acall(
+                f"{RUNTIME}:resume_run",
+                str(self.checkpoint_dir),
+                self._objects,
+                None,
+                _resume_trust(self),
             )
         except BaseException:
-            await session._release()
+            await session.arelease()
             raise
         self.session = session
         session.owner = self
@@ -314,6 +451,7 @@ class OptimizationRun:
             self.metrics["usage"] = event.get("usage", {})
         elif kind == "status":
             self.status = event["status"]
+            self.metrics["budget"] = event.get("budget") or None
         elif kind == "phase":
             self.metrics["phase"] = event["phase"]
             if self.status in ("starting", "running"):
@@ -324,15 +462,25 @@ class OptimizationRun:
             self.metrics["usage"] = event["usage"]
         elif kind == "cancelled":
             self.status = "cancelled"
+            if not event.get("checkpoint"):
+                event = {**event, "checkpoint": self._latest_snapshot()}
         elif kind == "error":
             self.status = "failed"
+            self.metrics["usage"] = event.get("usage", self.metrics["usage"])
             error = {
                 "type": event["error_type"],
                 "module": event["module"],
                 "message": event["message"],
                 "traceback": event.get("traceback"),
+                "details": event.get("details") or {},
             }
-            self.error = classify(error, self.session._worker.where())
+            self.error = classify(error, self.session.where())
+        elif kind == "waiting":
+            self.metrics["waiting"] = event
+        elif kind == "recovery" and event.get("action") == "lm_back":
+            self.metrics.pop("waiting", None)
+        elif kind == "warning":
+            self.metrics.setdefault("warnings", []).append(event["message"])
         with self._changed:
             self.events.append(event)
             callbacks = list(self._callbacks)
@@ -368,6 +516,17 @@ class OptimizationRun:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def notice(self) -> str | None:
+        """One line on what the run is waiting for or warns about (sidebar, dashboard):
+        "waiting for the LM: connection refused, next try in 8 s"."""
+        from ..notebook.run_progress import waiting_line
+
+        if self.metrics.get("waiting") and not self.done:
+            return waiting_line(self.metrics["waiting"])
+        warnings = self.metrics.get("warnings") or []
+        return warnings[-1] if warnings else None
+
     # ---- control --------------------------------------------------------------------
     def checkpoint(self, timeout: float | None = 120) -> Path:
         """Write a checkpoint at the next safe point (within one trial); its path."""
@@ -378,14 +537,28 @@ class OptimizationRun:
         return Path(event["path"])
 
     def cancel(self, timeout: float | None = 120) -> Path | None:
-        """Stop within one trial; the run keeps a resumable checkpoint (its path)."""
+        """Stop the run within a few seconds, whatever its LM is doing, and return the
+        checkpoint it can resume from exactly. The run stops at its next safe point; if
+        it does not within ``CANCEL_GRACE_S`` (a call hung on its LM, say), its kernel is
+        killed (the pool replaces it) and the run ends at its last snapshot."""
+        grace = CANCEL_GRACE_S if timeout is None else min(CANCEL_GRACE_S, timeout)
+        deadline = time.monotonic() + grace
         if not self.done:
-            answer = self.session.call(f"{RUNTIME}:cancel", self.run_id)
-            self.cancelled_after_trials = answer["trials_done"]
-        self._done.wait(timeout)
+            self._cancelling = True
+            try:
+                answer = self.session.runner.run(
+                    self.session.acall(f"{RUNTIME}:cancel", self.run_id), timeout=grace
+                )
+                self.cancelled_after_trials = answer["trials_done"]
+            except Exception:  # no answer in time, or the kernel is gone: kill below
+                self.cancelled_after_trials = self.metrics["trials"]
+            stopped = self._done.wait(max(0.0, deadline - time.monotonic()))
+            if not stopped and self.session.active:
+                self.session.kill()
+            self._done.wait(timeout)
         for event in reversed(self.events):
             if event["kind"] == "cancelled":
-                return Path(event["checkpoint"])
+                return Path(event["checkpoint"]) if event.get("checkpoint") else None
         return None
 
     def checkpoints(self) -> list[dict[str, Any]]:
@@ -410,7 +583,8 @@ class OptimizationRun:
         )
 
     def close(self) -> None:
-        """Release the run's session (its kernel goes back to the pool)."""
+        """Release the run's session now. A run gives its kernel back by itself when it
+        ends; this is for a run you abandon without waiting for it."""
         if self.session.active:
             self.session.release()
 
@@ -425,7 +599,9 @@ class MIPROv2:
     and ``program`` may be import paths ("pkg.mod:name", which checkpoints can rebuild) or
     objects from the notebook (shipped by value; pass them again to ``resume``).
     ``task_lm``/``prompt_lm`` are ``dspy.LM`` objects: their settings travel, API keys do
-    not (give the pool ``env_vars`` for those).
+    not (give the pool ``env_vars`` for those). ``max_calls``, ``max_tokens`` and
+    ``max_cost`` budget the run (LM calls sent, tokens, cost as DSPy prices it): before a
+    trial that would pass one, the run stops, resumably, with ``BudgetExceeded``.
     """
 
     def __init__(
@@ -441,8 +617,12 @@ class MIPROv2:
         manager: Any = None,
         session_timeout: float = 1800.0,
         recovery: RecoveryPolicy | dict[str, Any] | None = None,
+        max_calls: int | None = None,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
         **mipro_kwargs: Any,
     ) -> None:
+        self.budget = _budget(max_calls=max_calls, max_tokens=max_tokens, max_cost=max_cost)
         self.pool = _resolve_pool(pool, manager)
         self.recovery = RecoveryPolicy.coerce(
             recovery if recovery is not None else self.pool.spec.recovery
@@ -485,6 +665,7 @@ class MIPROv2:
             "task_lm": _lm_spec(self.task_lm),
             "prompt_lm": _lm_spec(self.prompt_lm),
             "recovery": self.recovery.to_json(),
+            "budget": self.budget,
         }
         data = {
             "trainset": [example_to_json(e) for e in trainset],
@@ -494,10 +675,12 @@ class MIPROv2:
             "program": program_obj,
             "metric": metric_obj,
             **_shippable_lms(self.task_lm, self.prompt_lm),
+            "sources": _program_sources(program_obj),  # inspect needs them in the kernel
         }
         session = self.pool.session(timeout=self.session_timeout)
         try:
             session.call(f"{RUNTIME}:start_run", spec, data, objects)
+            sign_new_run(folder, spec, data)  # this user wrote it: resumable by references
         except BaseException:
             session.release()
             raise
@@ -511,7 +694,8 @@ class MIPROv2:
             recovery=self.recovery,
         )
         run.resume_objects = objects
-        run._start_consuming()
+        run.trusted_modules = modules_named(spec)  # the user typed these references
+        run.follow_events()
         return run
 
     @classmethod
@@ -528,23 +712,45 @@ class MIPROv2:
         snapshot: str | None = None,
         session_timeout: float = 1800.0,
         recovery: RecoveryPolicy | dict[str, Any] | None = None,
+        trust: bool = False,
+        trusted_modules: str | Sequence[str] = (),
+        max_calls: int | None = None,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
     ) -> OptimizationRun:
-        """Go on from a run's newest checkpoint (or ``snapshot``), in a new session."""
+        """Go on from a run's newest checkpoint (or ``snapshot``), in a new session.
+
+        A folder this user's key did not sign is data: pass program, metric and LMs, or
+        ``trust=True`` (signs it, as ``dspex trust DIR`` does). Even then references are
+        imported only from DSPy, dspex_jupyter.testing, ``trusted_modules`` and
+        ``$DSPEX_TRUSTED_MODULES``. It goes on from the newest snapshot, which is always
+        clean (none is written after a step that met an infrastructure error). A budget
+        given here replaces the run's (resume a ``BudgetExceeded`` run with a bigger one)."""
         from ..checkpoint import read_json_checked
 
         folder = CheckpointDir(checkpoint_dir)
         spec = read_json_checked(folder.run_file) if folder.run_file.is_file() else None
         if spec is None:
             folder.latest()  # raises the clear "not a dspex run" error
+        _check_resumable(folder, snapshot)
+        budget = _budget(max_calls=max_calls, max_tokens=max_tokens, max_cost=max_cost)
+        if trust:
+            sign_checkpoint(folder)
+        modules = (trusted_modules,) if isinstance(trusted_modules, str) else tuple(trusted_modules)
+        # A run handle of this process may resume with the references its user typed.
+        modules += tuple(getattr(_live_runs.get(spec["run_id"]), "trusted_modules", ()))
+        verdict = kernel_trust(folder, modules)
         pool_obj = _resolve_pool(pool, manager)
         objects = {
             "program": program,
             "metric": metric,
             **_shippable_lms(task_lm, prompt_lm),
+            "sources": _program_sources(program),  # inspect needs them in the kernel
+            "budget": budget or None,
         }
         session = pool_obj.session(timeout=session_timeout)
         try:
-            session.call(f"{RUNTIME}:resume_run", str(folder.path), objects, snapshot)
+            session.call(f"{RUNTIME}:resume_run", str(folder.path), objects, snapshot, verdict)
         except BaseException:
             session.release()
             raise
@@ -553,8 +759,40 @@ class MIPROv2:
             session, spec["run_id"], folder.path, spec, program, objects=objects, recovery=policy
         )
         run.resume_objects = objects
-        run._start_consuming()
+        run.trusted_modules = modules
+        run.follow_events()
         return run
+
+
+def _resume_trust(run: OptimizationRun) -> dict[str, Any] | None:
+    """What an automatic resume tells the kernel about the run's folder (trust.py)."""
+    return kernel_trust(run.checkpoint_dir, getattr(run, "trusted_modules", ()))
+
+
+def _budget(**limits: Any) -> dict[str, Any]:
+    """The limits given, checked: positive numbers (a run without one has no budget)."""
+    for name, value in limits.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InvalidSpec(
+                f"{name} must be a positive number, got {value!r}",
+                hint="give the most the run may spend, e.g. max_calls=500, or leave it out",
+            )
+    return {name: value for name, value in limits.items() if value is not None}
+
+
+def _check_resumable(folder: CheckpointDir, snapshot: str | None) -> None:
+    """One clear error when there is nothing to go on from: a run that completed."""
+    if snapshot:
+        return  # the kernel checks the named snapshot
+    _, body, _ = folder.newest_readable()
+    if body.get("phase") == "done":
+        raise NothingToResume(
+            f"the run in {folder.path} completed; there is nothing to resume",
+            hint="use its result (run.result()); to optimize again, start a new run with "
+            "another checkpoint_dir",
+        )
 
 
 def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
@@ -562,9 +800,9 @@ def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
         return pool
     if manager is not None:
         return manager.pool(pool)
-    from ..core.manager import _live_managers
+    from ..core.manager import live_managers
 
-    found = [m.pools[pool] for m in list(_live_managers) if pool in m.pools]
+    found = [m.pools[pool] for m in live_managers() if pool in m.pools]
     if len(found) == 1:
         return found[0]
     raise PoolNotFound(

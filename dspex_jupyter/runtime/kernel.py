@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from .. import protocol
+from .lm_failures import lm_failure_details
 from .ops import OpContext, Sender
 from .registry import get_op
 from .state import STATE
@@ -60,7 +61,10 @@ def handle_message(
     except protocol.ProtocolError as exc:
         return protocol.make_error(request.id, exc.kind, "ProtocolError", str(exc)), []
     except BaseException as exc:  # KeyboardInterrupt (an interrupt) and SystemExit included
-        return protocol.error_from_exception(request.id, exc), []
+        reply = protocol.error_from_exception(request.id, exc)
+        # An LM provider's failure (key, rate limit, outage...) is named for the notebook side.
+        reply["error"]["details"].update(lm_failure_details(exc))
+        return reply, []
     return protocol.make_reply(request.id, result), ctx.out_buffers
 
 

@@ -346,6 +346,8 @@ export function normalizeSnapshot(raw: any): ISnapshot {
       trials: typeof r.trials === 'number' ? r.trials : null,
       best_score: typeof r.best_score === 'number' ? r.best_score : null,
       usage: r.usage && typeof r.usage === 'object' ? r.usage : null,
+      budget: r.budget && typeof r.budget === 'object' ? r.budget : null,
+      notice: r.notice ? String(r.notice) : null,
       pool: r.pool ? String(r.pool) : null,
       checkpoint_dir: r.checkpoint_dir ? String(r.checkpoint_dir) : null,
       error: r.error ? String(r.error) : null

@@ -369,6 +369,21 @@ export class DspexSidebar extends Widget {
           .map(([k, v]) => `${k} ${formatValue(v)}`)
           .join(' · ')
       : '';
+    // Usage against the run's budget: "calls 120 / 500".
+    const used: { [key: string]: string } = {
+      max_calls: 'calls',
+      max_tokens: 'total_tokens',
+      max_cost: 'cost'
+    };
+    const budget = run.budget
+      ? Object.entries(run.budget)
+          .filter(([k]) => k in used)
+          .map(([k, v]) => {
+            const spent = run.usage ? run.usage[used[k]] : undefined;
+            return `${used[k]} ${formatValue(spent ?? 0)} / ${formatValue(v)}`;
+          })
+          .join(' · ')
+      : '';
     return h(
       'div',
       {
@@ -401,6 +416,8 @@ export class DspexSidebar extends Widget {
         run.pool ? ` · pool ${run.pool}` : ''
       ),
       usage ? h('div', { class: 'dspex-RunUsage' }, `usage: ${usage}`) : null,
+      budget ? h('div', { class: 'dspex-RunBudget' }, `budget: ${budget}`) : null,
+      run.notice ? h('div', { class: 'dspex-RunNotice' }, run.notice) : null,
       run.checkpoint_dir
         ? h(
             'div',

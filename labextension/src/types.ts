@@ -36,6 +36,8 @@ export interface IRunInfo {
   trials: number | null;
   best_score: number | null;
   usage: { [key: string]: unknown } | null;
+  budget: { [key: string]: unknown } | null;
+  notice: string | null;
   pool: string | null;
   checkpoint_dir: string | null;
   error: string | null;

@@ -20,12 +20,22 @@ H = "tests.integration.helpers"
 
 
 def test_crash_storm_every_call_ends_once_and_the_pool_heals():
-    """30 SIGKILLs of random kernels during 2,000 calls at concurrency 16 on a pool of 4."""
+    """30 SIGKILLs of random kernels during 2,000 calls at concurrency 16 on a pool of 4,
+    and after every 6th of them, a SIGKILL of its replacement while it is still starting."""
     rng = random.Random(7)
     outcomes: dict[int, list[str]] = collections.defaultdict(list)
     with PoolManager([PoolSpec("storm", size=4, call_timeout=30)]) as manager:
         pool = manager["storm"]
         assert pool.wait_ready(timeout=60)
+        armed, starting_killed = [False], []
+
+        def kill_a_starting_kernel(event: dict) -> None:
+            if event["event"] == "launched" and armed[0]:
+                armed[0] = False
+                os.kill(event["pid"], signal.SIGKILL)
+                starting_killed.append(event["kernel"])
+
+        pool.add_kernel_listener(kill_a_starting_kernel)
 
         async def storm() -> tuple[int, float]:
             queue: asyncio.Queue[int] = asyncio.Queue()
@@ -53,6 +63,7 @@ def test_crash_storm_every_call_ends_once_and_the_pool_heals():
                     if len(pids) != 4:
                         raise AssertionError(f"pool has {len(pids)} kernels, not 4")
                     victim = rng.choice(pids)
+                    armed[0] = kills % 6 == 5  # its replacement dies while it starts
                     os.kill(victim, signal.SIGKILL)
                     kills += 1
                     while victim in pool.kernel_pids:  # the pool noticed the death
@@ -75,7 +86,10 @@ def test_crash_storm_every_call_ends_once_and_the_pool_heals():
         assert kinds["ok"] >= 1500
         assert slowest < 60
         assert pool.wait_ready(timeout=60) and len(pool.kernel_pids) == 4
-        assert pool.health()["deaths"] == 30
+        assert len(starting_killed) == 5
+        assert pool.health()["deaths"] == 30 + 5
+        # After every start and every death, never more than 4 kernels, starting included.
+        assert max(e["kernels"] for e in pool.kernel_events) <= 4
 
 
 def _open_fds() -> int:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,41 @@ def wait_until(check, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)  # poll: a condition with a deadline
     return check()
+
+
+# ---- no silent data loss (issue #12): values a JSON message would change ----------------
+EXACT = {
+    "int_past_64_bits": 2**100,
+    "negative_int_past_64_bits": -(2**70),
+    "int64_edges": [2**63 - 1, -(2**63), 2**64 - 1],
+    "nested_big_ints": {"n": [1, 2**64, {"deep": 10**30}]},
+    "lone_surrogate": "a\ud800b",
+    "surrogate_key": {"k\udfff": 1},
+    "floats": [float("nan"), float("inf"), -0.0, 5e-324],
+    "non_string_keys": {1: "a", (2, 3): "b", None: "c"},
+    "set_tuple_decimal_complex": ({1, 2}, (1,), Decimal("1.10"), 1 + 2j),
+    "big_int_table": [{"n": 2**70, "s": "x"}] * 150,
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_values_json_would_change_come_back_exactly_from_a_kernel(manager, remote, name):
+    from tests.unit.test_value_fidelity import same
+
+    value = EXACT[name]
+    for pool in (manager["xchg"], remote["remote"]):  # shared folder, and buffers only
+        assert same(pool.call(f"{X}:identity", value), value)
+        args, kwargs = pool.call(f"{X}:identity_all", value, key=value)
+        assert same(args[0], value) and same(kwargs["key"], value)
+    assert leftovers(manager) == []
+
+
+def test_a_result_that_cannot_come_back_is_a_named_serialization_error(manager):
+    from dspex_jupyter import RemoteError, SerializationError
+
+    with pytest.raises(SerializationError) as info:
+        manager["xchg"].call("threading:Lock")
+    assert isinstance(info.value, RemoteError)  # raised in the kernel, with its traceback
+    assert "cannot pickle '_thread.lock' object): lock <unlocked _thread" in str(info.value)
+    assert info.value.hint.startswith("return data from the kernel")
+    assert manager["xchg"].call(f"{X}:identity", 2**100) == 2**100  # the kernel still serves

@@ -217,38 +217,45 @@ def test_checkpoint_on_demand_and_cancel_then_resume(manager, reference, tmp_pat
     assert run.metrics["trials"] <= run.cancelled_after_trials + 2
     with pytest.raises(RunCancelled, match="resume"):
         run.result(timeout=5)
-    assert run.session.call("os:getpid") == run.session.pid  # the session is still usable
-    run.close()
+    assert not run.session.active  # a cancelled run gave its kernel back
     resumed = MIPROv2.resume(tmp_path / "run", manager["mipro"], program=task.make_program(),
                              metric=task.metric, task_lm=lm, prompt_lm=lm)  # fmt: skip
     result = resumed.result(timeout=120)
     assert (trials_of(result), result.state) == reference
 
 
-def test_corrupted_or_foreign_checkpoints_are_refused(manager, tmp_path):
+def test_damaged_checkpoints_are_refused_by_name_and_skipped_by_default(
+    manager, reference, tmp_path
+):
+    """A damaged, truncated or foreign snapshot is refused whole when named; resume() with no
+    name goes on from the newest one that reads back (every snapshot is a clean point), says
+    which it skipped, and still ends exactly as an uninterrupted run."""
     task = mh.task()
-    run = start(manager["mipro"], task, task.lm(), tmp_path / "run")
-    run.wait_for_event(lambda e: e["kind"] == "trial" and e["number"] == 2, timeout=120)
+    lm = task.lm()
+    run = start(manager["mipro"], task, lm, tmp_path / "run")
+    run.wait_for_event(lambda e: e["kind"] == "trial" and e["number"] == 3, timeout=120)
     run.cancel(timeout=60)
-    run.close()
     folder = CheckpointDir(tmp_path / "run")
-    latest = folder.latest()
-    latest.write_text(latest.read_text().replace('"value":', '"value": 1', 1))
+    newest = folder.snapshots()[-1]
+    common = {"program": task.make_program(), "metric": task.metric, "task_lm": lm,
+              "prompt_lm": lm}  # fmt: skip
+    newest.write_text(newest.read_text().replace('"value":', '"value": 1', 1))
     listing = {c["name"]: c for c in folder.listing()}
-    assert listing[latest.name]["ok"] is False and "checksum" in listing[latest.name]["error"]
-    common = {"program": task.make_program(), "metric": task.metric, "task_lm": task.lm()}
+    assert listing[newest.name]["ok"] is False and "checksum" in listing[newest.name]["error"]
     with pytest.raises(RemoteError, match="checksum"):
-        MIPROv2.resume(folder.path, manager["mipro"], **common)
-    latest.write_text(latest.read_text()[:100])  # truncated
+        MIPROv2.resume(folder.path, manager["mipro"], snapshot=newest.name, **common)
+    newest.write_text(newest.read_text()[:100])  # truncated
     with pytest.raises(RemoteError, match="not valid JSON"):
-        MIPROv2.resume(folder.path, manager["mipro"], **common)
-    latest.write_text(json.dumps({"format": "something-else", "version": 1}))
+        MIPROv2.resume(folder.path, manager["mipro"], snapshot=newest.name, **common)
+    newest.write_text(json.dumps({"format": "something-else", "version": 1}))
     with pytest.raises(RemoteError, match="not a dspex MIPROv2 checkpoint"):
-        MIPROv2.resume(folder.path, manager["mipro"], **common)
-    # An earlier snapshot is still good, and resuming from it works.
-    good = folder.snapshots()[-2].name
-    resumed = MIPROv2.resume(folder.path, manager["mipro"], snapshot=good, **common)
-    assert resumed.result(timeout=120).score is not None
+        MIPROv2.resume(folder.path, manager["mipro"], snapshot=newest.name, **common)
+    before = folder.snapshots()[-2].name
+    resumed = MIPROv2.resume(folder.path, manager["mipro"], **common)
+    event = resumed.wait_for_event(lambda e: e["kind"] == "resumed", timeout=60)
+    assert (event["snapshot"], event["skipped"]) == (before, [newest.name])
+    result = resumed.result(timeout=120)
+    assert (trials_of(result), result.state) == reference
 
 
 def test_out_of_memory_is_never_a_silent_zero(manager, tmp_path):
@@ -269,8 +276,7 @@ def test_out_of_memory_is_never_a_silent_zero(manager, tmp_path):
     sizes = [(e["from_size"], e["to_size"]) for e in run.events if e["kind"] == "recovery"]
     assert sizes == [(10, 5), (5, 2)]
     assert all(c["ok"] for c in run.checkpoints())
-    assert run.session.call("os:getpid") == run.session.pid
-    run.close()
+    assert not run.session.active  # a failed run gave its kernel back
 
 
 def test_optimize_does_not_block_the_notebook(manager, tmp_path):
@@ -305,7 +311,7 @@ def test_kernel_death_is_recovered_by_auto_resume(manager, reference, tmp_path):
     assert (trials_of(result), result.state) == reference
 
 
-def test_a_search_that_scores_nothing_stops_as_diverged(manager, tmp_path):
+def test_a_search_that_scores_nothing_stops_as_diverged_when_asked(manager, tmp_path):
     task = mh.task()
     lm = task.lm()
     optimizer = MIPROv2(
@@ -313,7 +319,7 @@ def test_a_search_that_scores_nothing_stops_as_diverged(manager, tmp_path):
         metric="tests.integration.mipro_helpers:always_zero",
         task_lm=lm,
         prompt_lm=lm,
-        recovery={"diverged_after": 3},
+        recovery={"diverged_after": 3, "stop_on_divergence": True},
         **mh.OPTIONS,
     )
     run = optimizer.optimize(
@@ -329,3 +335,43 @@ def test_a_search_that_scores_nothing_stops_as_diverged(manager, tmp_path):
     assert [e["score"] for e in run.events if e["kind"] == "trial"][:3] == [0.0, 0.0, 0.0]
     assert all(c["ok"] for c in run.checkpoints())
     run.close()
+
+
+def test_by_default_a_search_that_scores_nothing_warns_and_ends_as_dspy_does(manager, tmp_path):
+    """The default policy never changes the result of a run that DSPy completes: an
+    all-zero search warns once (an event) and ends with DSPy's own trials and program."""
+    task = dataclasses.replace(mh.task(), metric=mh.always_zero)
+    expected_trials, expected_state = in_process_reference(task, task.lm())
+    assert {v for _, v in expected_trials} == {0.0}
+    run = start(manager["mipro"], task, task.lm(), tmp_path / "run")
+    result = run.result(timeout=120)
+    assert (trials_of(result), result.state) == (expected_trials, expected_state)
+    warnings = [e for e in run.events if e["kind"] == "warning"]
+    assert [w["warning"] for w in warnings] == ["diverged"]
+    assert "stop_on_divergence" in warnings[0]["hint"]
+    assert run.status == "completed" and not run.session.active
+
+
+def test_fifty_runs_leave_nothing_behind_in_a_long_lived_kernel(tmp_path):
+    """One kernel, fifty short runs one after another: no run record, event list or run
+    thread stays, and the thread count at run 50 is that at run 5 (RSS is printed)."""
+    task, lm = mh.task(), mh.task().lm()
+    options = {**mh.OPTIONS, "num_candidates": 2}
+    settings = {**mh.COMPILE, "num_trials": 2}
+    measured = {}
+    with PoolManager([PoolSpec("flat", size=1)]) as m:
+        pool = m["flat"]
+        optimizer = MIPROv2(pool, metric=task.metric, task_lm=lm, prompt_lm=lm, **options)
+        for number in range(1, 51):
+            folder = tmp_path / f"run{number}"
+            run = optimizer.optimize(task.make_program(), task.trainset, task.valset,
+                                     checkpoint_dir=folder, **settings)  # fmt: skip
+            run.result(timeout=120)
+            if number in (5, 50):
+                here = pool.call("dspex_jupyter.runtime.mipro:runs_here")
+                measured[number] = (here, pool.health()["kernels"][0]["rss"])
+    for here, _ in measured.values():
+        assert here["runs"] == [] and here["events"] == 0 and here["run_threads"] == []
+    assert measured[5][0]["threads"] == measured[50][0]["threads"]
+    print(f"kernel RSS at run 5: {measured[5][1] / 2**20:.1f} MiB, "
+          f"at run 50: {measured[50][1] / 2**20:.1f} MiB")  # fmt: skip

@@ -10,6 +10,7 @@ import re
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
+from dspex_jupyter.notebook import magics as magics_module
 from dspex_jupyter.notebook import registry
 from dspex_jupyter.notebook.gpu_widget import GpuMemoryWidget
 from dspex_jupyter.notebook.pool_dashboard import PoolDashboard
@@ -30,7 +31,7 @@ def ip():
     try:
         yield shell
     finally:
-        magics = shell._dspex_extension["magics"]
+        magics = magics_module.extension_state(shell)["magics"]
         for session in list(magics.sessions.values()):
             if session.active:
                 session.release()
@@ -95,7 +96,7 @@ def test_pool_dashboard_restarts_kernels_and_releases_sessions(ip, capsys):
     pool = registry.find_pool(POOL)
     dspex(ip, f"session held --pool {POOL}")
     capsys.readouterr()
-    held = ip._dspex_extension["magics"].sessions["held"]
+    held = magics_module.extension_state(ip)["magics"].sessions["held"]
     board = PoolDashboard()
     try:
         assert f"{POOL}/" in board.table.value and held.id in board.table.value

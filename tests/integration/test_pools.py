@@ -300,3 +300,20 @@ def test_kernel_output_goes_to_its_log_not_to_the_notebook(manager, capfd):
     logs = [k["log"] for k in manager.health()["pools"]["main"]["kernels"]]
     assert any("low-level kernel noise" in Path(log).read_text() for log in logs)
     assert all(stat.S_IMODE(os.stat(log).st_mode) == 0o600 for log in logs)
+
+
+def test_a_pool_whose_kernels_fail_to_start_says_why_once():
+    """The kernel's own error is the message and its hint the hint: neither is repeated."""
+    from dspex_jupyter.core.errors import PoolStartError
+
+    manager = PoolManager([PoolSpec("broken", startup="raise ValueError('no config here')")])
+    try:
+        with pytest.raises(PoolStartError) as caught:
+            manager.start()
+    finally:
+        manager.shutdown()
+    text = str(caught.value)
+    assert "1 of 1 kernels failed to start" in text
+    assert text.count("ValueError: no config here") >= 1
+    assert text.count("hint:") == 1
+    assert caught.value.hint

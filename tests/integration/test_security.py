@@ -85,6 +85,9 @@ def test_loading_a_checkpoint_never_runs_code(tmp_path):
         mipro.build_lm(evil["task_lm"], trusted_only=True)
     with pytest.raises(mipro.CheckpointError, match=r"not a dspy\.Module"):
         mipro.build_program(evil["program"])
+    # Read from a checkpoint, a reference is checked against the trusted modules first.
+    with pytest.raises(mipro.ForbiddenReferenceError, match="'os', which is not a trusted"):
+        mipro.build_program(evil["program"], allowed=("dspy", "dspex_jupyter.testing"))
     assert not marker.exists()
 
 

@@ -26,7 +26,11 @@ from dspex_jupyter.runtime import handle_message
 
 SMALL = {"inline_max": 64, "file_max": 1024}  # tiny thresholds: every tier on small values
 HYPO = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    derandomize=True,  # the same examples on every run: a failure reproduces
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -66,7 +70,7 @@ def assert_same_array(a, b):
 json_values = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)  # larger ones pickle (see below)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children),

@@ -27,6 +27,8 @@ RUN_KEYS = {
     "trials",
     "best_score",
     "usage",
+    "budget",
+    "notice",
     "pool",
     "checkpoint_dir",
     "error",

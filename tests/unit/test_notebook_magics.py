@@ -44,7 +44,7 @@ def dspex(ip, line, cell=None):
 
 
 def test_every_subcommand_has_help(ip, capsys):
-    magics = ip._dspex_extension["magics"]
+    magics = magics_module.extension_state(ip)["magics"]
     assert sorted(magics.commands) == SUBCOMMANDS
     for name in SUBCOMMANDS:
         dspex(ip, f"{name} --help")
@@ -145,9 +145,10 @@ def test_remote_error_shows_one_line_and_the_remote_traceback(ip, capsys, monkey
     assert lines[0] == (
         "dspex: ZeroDivisionError: division by zero (raised in pool 'p', session 'abc')"
     )
-    assert lines[1] == "Remote traceback:"
+    assert lines[1] == f"  hint: {RemoteError.hint}"  # every error has a default hint
+    assert lines[2] == "Remote traceback:"
     assert lines[-1] == "ZeroDivisionError: division by zero"
-    assert len(lines) == 5  # no local traceback
+    assert len(lines) == 6  # no local traceback
     assert 'File "<cell>"' in err and "magics.py" not in err
 
 
@@ -162,6 +163,7 @@ def test_format_error_keeps_hints_and_kernel_details():
     text = format_error(PoolStartError("start-up code failed in kernel p/1: NameError: x\nline 1"))
     assert text.splitlines() == [
         "dspex: start-up code failed in kernel p/1: NameError: x",
+        f"  hint: {PoolStartError.hint}",  # a PoolStartError always has a hint
         "line 1",
     ]
     assert format_error(KeyError("missing")) == "dspex: KeyError: missing"
@@ -199,9 +201,10 @@ def test_load_ext_is_idempotent_and_quiet(capsys):
     magics_module.unload_ipython_extension(shell)
     assert "dspex" not in shell.magics_manager.magics["line"]
     magics_module.load_ipython_extension(shell)
-    first = shell._dspex_extension
+    first = magics_module.extension_state(shell)
+    assert first is not None
     magics_module.load_ipython_extension(shell)
-    assert shell._dspex_extension is first
+    assert magics_module.extension_state(shell) is first
     assert capsys.readouterr() == ("", "")
     assert "dspex" in shell.magics_manager.magics["line"]
     assert "dspex" in shell.magics_manager.magics["cell"]
