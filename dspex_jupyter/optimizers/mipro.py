@@ -8,6 +8,7 @@ the kernel still answers "checkpoint now" and "cancel"), and its events stream b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import re
@@ -785,8 +786,14 @@ def _budget(**limits: Any) -> dict[str, Any]:
 def _check_resumable(folder: CheckpointDir, snapshot: str | None) -> None:
     """One clear error when there is nothing to go on from: a run that completed."""
     if snapshot:
-        return  # the kernel checks the named snapshot
-    _, body, _ = folder.newest_readable()
+        from ..checkpoint import CheckpointError, read_json_checked
+
+        try:
+            body = read_json_checked(folder.path / Path(snapshot).name)
+        except CheckpointError:
+            return  # a missing or damaged snapshot: the kernel refuses it with its reason
+    else:
+        _, body, _ = folder.newest_readable()
     if body.get("phase") == "done":
         raise NothingToResume(
             f"the run in {folder.path} completed; there is nothing to resume",
@@ -812,6 +819,10 @@ def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
 
 
 # ---- graceful shutdown and restore (see core/lifecycle.py) ----------------------------
+# How long a graceful shutdown waits for a run's in-flight trial before it cancels it.
+SHUTDOWN_CHECKPOINT_WAIT_S = 30.0
+
+
 def _save_runs(manager: Any) -> list[dict[str, Any]]:
     """Checkpoint and stop every live run on this manager's pools; say where each is."""
     entries = []
@@ -822,7 +833,10 @@ def _save_runs(manager: Any) -> list[dict[str, Any]]:
             or manager.pools[run.pool.name] is not run.pool
         ):
             continue
-        run.checkpoint()
+        # Keep the trial in flight when the LM answers; a hung LM must not hold the
+        # shutdown for the checkpoint's whole timeout: cancel then stops it within seconds.
+        with contextlib.suppress(TimeoutError, DspexError):
+            run.checkpoint(timeout=SHUTDOWN_CHECKPOINT_WAIT_S)
         path = run.cancel()
         entries.append(
             {

@@ -240,6 +240,9 @@ def test_nothing_to_resume_is_one_error_with_one_hint(manager, lm_server, tmp_pa
     with pytest.raises(NothingToResume, match="completed") as info:
         resume(manager, lm_server, tmp_path / "run")
     assert "start a new run" in info.value.hint
+    done = CheckpointDir(tmp_path / "run").snapshots()[-1].name
+    with pytest.raises(NothingToResume, match="completed"):  # the same error when named
+        resume(manager, lm_server, tmp_path / "run", snapshot=done)
 
 
 def test_a_refused_key_never_waits_and_never_scores(manager, reference, lm_server, tmp_path):
