@@ -91,15 +91,14 @@ class GpuMemoryWidget(RefreshedWhileShown, widgets.VBox):
 
     @staticmethod
     def _no_gpu_html(reason: str, rows: list[dict[str, Any]]) -> str:
-        head = f"<div><b>No GPU</b>: {escape(reason)}. Kernel memory (RSS) per pool limit:</div>"
+        head = f"<div><b>No GPU</b>: {escape(reason)}."
         if not rows:
-            return head + "<div><i>no pool is running</i></div>"
+            return head + " No pool is running: start one with %dspex start NAME.</div>"
+        limited = any(r["max_memory"] for r in rows)
+        head += " Kernel memory (RSS)" + (", against each pool's max_memory" if limited else "")
         table = [
             [r["pool"], r["kernel"], r["pid"], r["state"], usage_bar(r["rss"], r["max_memory"])]
             for r in rows
         ]
-        return head + html_table(
-            ["pool", "kernel", "pid", "state", "RSS / max_memory"],
-            table,
-            css_class="dspex-kernel-memory",
-        )
+        headers = ["pool", "kernel", "pid", "state", "RSS / max_memory" if limited else "RSS"]
+        return f"{head}:</div>" + html_table(headers, table, css_class="dspex-kernel-memory")

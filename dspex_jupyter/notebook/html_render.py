@@ -1,4 +1,8 @@
-"""Small HTML pieces the widgets share: tables, durations, bars. Everything is escaped."""
+"""Small HTML pieces the widgets share: tables, durations, bars. Everything is escaped.
+
+Colours are JupyterLab's theme variables (with a light-theme fallback for other
+frontends), so the widgets read as well in a dark theme as in the light one.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,23 @@ from typing import Any
 
 from ..core.spec import format_bytes
 
-TABLE_STYLE = "border-collapse:collapse;font-size:12px;margin:2px 0"
-CELL_STYLE = "padding:2px 8px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top"
+
+def theme(name: str, fallback: str) -> str:
+    """A JupyterLab theme colour: ``var(--jp-NAME, FALLBACK)``."""
+    return f"var(--jp-{name}, {fallback})"
+
+
+TEXT = theme("ui-font-color1", "#212121")
+MUTED_TEXT = theme("ui-font-color2", "#616161")
+BORDER = theme("border-color2", "#e0e0e0")
+TRACK = theme("layout-color2", "#eeeeee")
+BRAND = theme("brand-color1", "#1976d2")
+SUCCESS = theme("success-color1", "#388e3c")
+WARNING = theme("warn-color1", "#f57c00")
+ERROR = theme("error-color1", "#d32f2f")
+
+TABLE_STYLE = f"border-collapse:collapse;font-size:12px;margin:2px 0;color:{TEXT}"
+CELL_STYLE = f"padding:2px 8px;border-bottom:1px solid {BORDER};text-align:left;vertical-align:top"
 
 
 def html_table(
@@ -51,14 +70,22 @@ def format_duration(seconds: float | None) -> str:
     return f"{hours}h {minutes:02d}m"
 
 
-def usage_bar(used: int, total: int | None, *, width: int = 160, colour: str = "#4c78a8") -> Raw:
+def format_score(score: float | None) -> str:
+    """A score as DSPy prints it: 87.5, 47.92, 0.875 (not 87.500)."""
+    if score is None:
+        return "-"
+    text = f"{score:.{2 if abs(score) >= 1 else 3}f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def usage_bar(used: int, total: int | None, *, width: int = 160, colour: str = BRAND) -> Raw:
     """A horizontal bar of ``used`` out of ``total`` bytes, with its numbers."""
     if not total:
         return Raw(escape(format_bytes(used)))
     share = max(0.0, min(1.0, used / total))
-    fill = "#e45756" if share >= 0.9 else colour
+    fill = ERROR if share >= 0.9 else colour
     return Raw(
-        f'<span style="display:inline-block;width:{width}px;height:9px;background:#eee;'
+        f'<span style="display:inline-block;width:{width}px;height:9px;background:{TRACK};'
         f'vertical-align:middle"><span style="display:block;width:{share * 100:.1f}%;height:9px;'
         f'background:{fill}"></span></span> {escape(format_bytes(used))} / '
         f"{escape(format_bytes(total))}"

@@ -4,8 +4,9 @@ Load with ``%load_ext dspex_jupyter``. ``%dspex --help`` lists the subcommands a
 ``%dspex SUBCOMMAND --help`` explains one. Pools started here belong to one notebook-level
 ``PoolManager`` (see ``registry``); pools of managers made in Python are found too.
 
-A failing subcommand prints one line, ``dspex: <what went wrong>``, its hint, and the
-remote traceback when the error happened in a pool kernel, on stderr; the internal
+A failing subcommand prints one line, ``dspex: <what went wrong>``, and its hint on
+stderr; misspelt names get "did you mean". The remote traceback follows only when code of
+the user's failed in a pool kernel (not for dspex's own checks there); the internal
 traceback is not shown (``%dspex --debug SUBCOMMAND ...`` shows it).
 """
 
@@ -25,15 +26,17 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.utils.process import arg_split
 
-from ..checkpoint import CheckpointError
-from ..core.errors import DspexError, RemoteError
+from ..checkpoint import CheckpointDir, CheckpointError
+from ..core.errors import DspexError, EnvironmentNotFound, RemoteError
 from . import actions, registry
 from .html_render import first_line
+from .registry import did_you_mean
 
 # Errors that are the user's to fix: one line and a hint, no traceback.
 EXPECTED_ERRORS = (DspexError, CheckpointError, ValueError, TypeError, LookupError, TimeoutError)
 CELL_COMMANDS = ("run", "session")
 DEFAULT_RUN_NAME = "run"
+DEFAULT_LOG_LINES = 20
 
 
 # Shared by every magic that waits for a free kernel of a pool.
@@ -59,16 +62,24 @@ def format_error(exc: BaseException, command: str = "") -> str:
     lines = message.strip().splitlines() or [type(exc).__name__]
     if not isinstance(exc, DspexError | CheckpointError):
         lines[0] = f"{type(exc).__name__}: {lines[0]}"
-    out = [f"dspex: {lines[0]}"]
     hint = getattr(exc, "hint", "")
+    if getattr(exc, "inline_hint", False):
+        return f"dspex: {lines[0]}: {hint}"
+    out = [f"dspex: {lines[0]}"]
     if hint:
         out.append(f"  hint: {hint}")
     # Kernel-side details folded into the message (e.g. failing start-up code).
     out.extend(line for line in lines[1:] if not line.strip().startswith("hint:"))
-    if isinstance(exc, RemoteError) and exc.remote_traceback:
+    if isinstance(exc, RemoteError) and exc.remote_traceback and not _raised_by_dspex(exc):
         out.append("Remote traceback:")
         out.extend("".join(exc.remote_traceback).rstrip("\n").splitlines())
     return "\n".join(out)
+
+
+def _raised_by_dspex(exc: RemoteError) -> bool:
+    """An error type of dspex's own (a check such as "folder already holds a run"): its
+    remote traceback runs through dspex's frames only, nothing of the user's to read."""
+    return exc.remote_module.split(".")[0] == "dspex_jupyter"
 
 
 def _usage(parser: argparse.ArgumentParser) -> str:
@@ -119,7 +130,10 @@ class DspexMagics(Magics):
         handler = self.commands.get(command)
         try:
             if handler is None:
-                raise UsageError(f"unknown subcommand {command!r}")
+                raise DspexError(
+                    f"unknown subcommand {command!r}",
+                    hint=f"{did_you_mean(command, self.commands)}%dspex --help lists them",
+                )
             try:
                 tokens = arg_split(rest)
             except ValueError as exc:
@@ -154,25 +168,47 @@ class DspexMagics(Magics):
     def namespace(self) -> dict[str, Any]:
         return self.shell.user_ns
 
-    def _variable(self, name: str | None, flag: str, *, reference: bool = False) -> Any:
-        """The notebook variable ``name`` (``reference``: or a "pkg.mod:name" path)."""
-        if name is None:
-            return None
-        if name in self.namespace:
-            return self.namespace[name]
-        if reference and ":" in name:
-            return name
-        raise DspexError(
-            f"{flag} {name}: no variable {name!r} in the notebook",
-            hint="define it in a cell first"
-            + (" or give 'package.module:name'" if reference else ""),
-        )
+    def _variables(self, wanted: dict[str, tuple[str | None, str]]) -> dict[str, Any]:
+        """The values of ``{flag: (name, kind)}``, every missing variable named at once.
 
-    def _lm(self, name: str | None, flag: str) -> Any:
-        """An LM variable, or a model name such as 'openai/gpt-4o-mini'."""
-        if name is None or name in self.namespace or "/" not in name:
-            return self._variable(name, flag)
-        return name
+        ``kind``: "variable"; "reference" (or a "package.module:name" path); "lm" (or a
+        model name such as "openai/gpt-4o-mini")."""
+        found: dict[str, Any] = {}
+        missing: list[tuple[str, str, str]] = []
+        for flag, (name, kind) in wanted.items():
+            if name is None:
+                found[flag] = None
+            elif name in self.namespace:
+                found[flag] = self.namespace[name]
+            elif (kind == "reference" and ":" in name) or (kind == "lm" and "/" in name):
+                found[flag] = name
+            else:
+                missing.append((flag, name, kind))
+        if missing:
+            raise self._missing_variables(missing)
+        return found
+
+    def _missing_variables(self, missing: list[tuple[str, str, str]]) -> DspexError:
+        hidden = getattr(self.shell, "user_ns_hidden", {})
+        defined = [k for k in self.namespace if not k.startswith("_") and k not in hidden]
+        guesses = []
+        for flag, name, _ in missing:
+            close = registry.close_names(name, defined)
+            if close:
+                guesses.append(f"{close} for {flag} {name}" if len(missing) > 1 else close)
+        suggestion = f"did you mean {', '.join(guesses)}? Otherwise " if guesses else ""
+        paths = any(kind == "reference" for _, _, kind in missing)
+        if len(missing) == 1:
+            flag, name, _ = missing[0]
+            message = f"{flag} {name}: no variable {name!r} in the notebook"
+            todo = "define it in a cell first"
+        else:
+            named = ", ".join(f"{flag} {name}" for flag, name, _ in missing)
+            message = f"{len(missing)} variables are not in the notebook: {named}"
+            todo = "define them in a cell first"
+        if paths:
+            todo += " (a program or metric may also be 'package.module:name')"
+        return DspexError(message, hint=suggestion + todo)
 
     def _run_name(self, name: str | None) -> str:
         from ..optimizers.mipro import OptimizationRun
@@ -222,6 +258,9 @@ class DspexMagics(Magics):
 
         from .pool_dashboard import PoolDashboard
 
+        if not any(manager.pools for manager in registry.managers()):
+            print("no pool is running; start one with %dspex start NAME --size N")
+            return
         display(PoolDashboard())
 
     @magic_arguments("dspex start")
@@ -261,6 +300,8 @@ class DspexMagics(Magics):
             startup=args.startup,
             call_timeout=args.call_timeout,
         )
+        if args.env is not None:
+            _check_environment(args.env)
         manager = registry.default_manager()
         if args.name in manager.pools:
             if manager.spec(args.name) == spec:
@@ -272,6 +313,7 @@ class DspexMagics(Magics):
             )
         manager.forget_spec(args.name)  # settings of a stopped pool of that name
         (pool,) = manager.start(spec)
+        registry.remember_memory_text(pool.name, args.max_memory, spec.max_memory)
         print(f"pool {pool.name!r}: {spec.size} kernel(s) ready ({pool.source.description})")
 
     @magic_arguments("dspex stop")
@@ -291,7 +333,6 @@ class DspexMagics(Magics):
     def _cmd_health(self, line: str, cell: str | None) -> None:
         """Print every kernel's state, session, memory, uptime and calls served."""
         parse_argstring(self._cmd_health, line)
-        from ..core.spec import format_bytes
         from .html_render import format_duration
         from .snapshot import pool_health
 
@@ -300,7 +341,7 @@ class DspexMagics(Magics):
             print("no pool is running; start one with %dspex start NAME")
             return
         for pool in pools:
-            limit = format_bytes(pool["max_memory"]) if pool["max_memory"] else "no limit"
+            limit = registry.memory_text(pool["name"], pool["max_memory"])
             print(
                 f"{pool['name']}: {pool['source']}; {len(pool['kernels'])}/{pool['size']} "
                 f"kernels, {len(pool['sessions'])} sessions, {pool['deaths']} deaths, "
@@ -449,8 +490,20 @@ class DspexMagics(Magics):
         from ..optimizers.mipro import MIPROv2
 
         name = self._run_name(args.name)
-        options = dict(self._variable(args.optimizer_args, "--optimizer-args") or {})
-        compile_args = dict(self._variable(args.compile_args, "--compile-args") or {})
+        given = self._variables(
+            {
+                "--program": (args.program, "reference"),
+                "--trainset": (args.trainset, "variable"),
+                "--valset": (args.valset, "variable"),
+                "--metric": (args.metric, "reference"),
+                "--lm": (args.lm, "lm"),
+                "--prompt-lm": (args.prompt_lm, "lm"),
+                "--optimizer-args": (args.optimizer_args, "variable"),
+                "--compile-args": (args.compile_args, "variable"),
+            }
+        )
+        options = dict(given["--optimizer-args"] or {})
+        compile_args = dict(given["--compile-args"] or {})
         for key in ("num_candidates", "seed", "num_threads"):
             if getattr(args, key) is not None:
                 options[key] = getattr(args, key)
@@ -461,22 +514,32 @@ class DspexMagics(Magics):
             options["auto"] = None if args.auto == "none" else args.auto
         elif "num_candidates" in options or "num_trials" in compile_args:
             options.setdefault("auto", None)
+        folder = Path(args.checkpoint_dir).expanduser().resolve() if args.checkpoint_dir else None
+        if folder is not None and CheckpointDir(folder).run_file.exists():
+            raise _folder_in_use(folder)
         pool = registry.find_pool(args.pool)
         optimizer = MIPROv2(
             pool,
-            metric=self._variable(args.metric, "--metric", reference=True),
-            task_lm=self._lm(args.lm, "--lm"),
-            prompt_lm=self._lm(args.prompt_lm, "--prompt-lm"),
+            metric=given["--metric"],
+            task_lm=given["--lm"],
+            prompt_lm=given["--prompt-lm"],
             session_timeout=args.wait,
             **options,
         )
-        run = optimizer.optimize(
-            self._variable(args.program, "--program", reference=True),
-            self._variable(args.trainset, "--trainset"),
-            self._variable(args.valset, "--valset"),
-            checkpoint_dir=args.checkpoint_dir,
-            **compile_args,
-        )
+        try:
+            run = optimizer.optimize(
+                given["--program"],
+                given["--trainset"],
+                given["--valset"],
+                checkpoint_dir=folder,
+                **compile_args,
+            )
+        except RemoteError as exc:
+            # The kernel's own check (runtime/mipro.py start_run) when the folder filled
+            # up after the check above.
+            if folder is not None and "already holds a run" in exc.remote_message:
+                raise _folder_in_use(folder) from None
+            raise
         self.namespace[name] = run
         print(
             f"run {run.run_id} started in pool {pool.name!r}, stored as `{name}`; "
@@ -540,11 +603,19 @@ class DspexMagics(Magics):
                     )
                 known = dict(run.resume_objects)
                 run.close()  # its kernel goes back to the pool
+        values = self._variables(
+            {
+                "--program": (args.program, "reference"),
+                "--metric": (args.metric, "reference"),
+                "--lm": (args.lm, "lm"),
+                "--prompt-lm": (args.prompt_lm, "lm"),
+            }
+        )
         given = {
-            "program": self._variable(args.program, "--program", reference=True),
-            "metric": self._variable(args.metric, "--metric", reference=True),
-            "task_lm": self._lm(args.lm, "--lm"),
-            "prompt_lm": self._lm(args.prompt_lm, "--prompt-lm"),
+            "program": values["--program"],
+            "metric": values["--metric"],
+            "task_lm": values["--lm"],
+            "prompt_lm": values["--prompt-lm"],
         }
         objects = {k: given[k] if given[k] is not None else known.get(k) for k in given}
         run = MIPROv2.resume(
@@ -560,20 +631,85 @@ class DspexMagics(Magics):
 
     @magic_arguments("dspex runs")
     def _cmd_runs(self, line: str, cell: str | None) -> None:
-        """List the optimization runs of this notebook."""
+        """Table of the runs: variable, optimizer, status, best score and instruction, cost."""
         parse_argstring(self._cmd_runs, line)
-        from .snapshot import run_summary
+        from IPython.display import display
+
+        from .runs_table import runs_table
 
         runs = registry.runs()
         if not runs:
-            print("no optimization run; start one with %dspex optimize")
-        for run in runs:
-            s = run_summary(run)
-            best = f"{s['best_score']:.4g}" if s["best_score"] is not None else "-"
-            print(
-                f"{s['run_id']}  {s['status']:<10} trials {s['trials']:<4} best {best:<8} "
-                f"pool {s['pool']}  {s['checkpoint_dir']}"
-            )
+            print("no optimization run yet; start one with %dspex optimize --pool POOL ...")
+            return
+        display(runs_table(runs, self.namespace))
+
+    @magic_arguments("dspex log")
+    @argument("run", help="variable holding the run, or its run id")
+    @argument(
+        "--lines",
+        type=int,
+        default=DEFAULT_LOG_LINES,
+        metavar="N",
+        help=f"how many of the last lines (default {DEFAULT_LOG_LINES})",
+    )
+    def _cmd_log(self, line: str, cell: str | None) -> None:
+        """Print the end of a run's run.log (what DSPy printed during the run)."""
+        args = parse_argstring(self._cmd_log, line)
+        if args.lines < 1:
+            raise ValueError(f"--lines must be at least 1, got {args.lines}")
+        run = registry.find_run(args.run, self.namespace)
+        path = Path(run.log_path)
+        if not path.is_file():
+            print(f"run {run.run_id} has written no log yet ({path})")
+            return
+        print(tail(path, args.lines), end="")
+
+
+def tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a text file as a terminal shows them: a progress bar
+    redrawn with carriage returns is its last state. A run's log can be long: read from
+    the end."""
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        end = position = handle.tell()
+        chunk = b""
+        while position > 0 and chunk.count(b"\n") <= lines:
+            position = max(0, position - 65536)
+            handle.seek(position)
+            chunk = handle.read(end - position)
+    found = chunk.decode("utf-8", errors="replace").split("\n")
+    if found[-1] == "":  # the file ends with a newline
+        found.pop()
+    return "".join(_last_redraw(line) + "\n" for line in found[-lines:])
+
+
+def _last_redraw(line: str) -> str:
+    drawn = [part for part in line.split("\r") if part]
+    return drawn[-1] if drawn else ""
+
+
+def _folder_in_use(folder: Path) -> CheckpointError:
+    """``--checkpoint-dir`` of a folder that already holds a run: one line."""
+    error = CheckpointError(
+        f"{folder} already holds a run",
+        hint=f"`%dspex resume {folder}` to go on, or give a new --checkpoint-dir",
+    )
+    error.inline_hint = True  # type: ignore[attr-defined]  # the hint ends the sentence
+    return error
+
+
+def _check_environment(name: str) -> None:
+    """A missing ``--env``: the closest existing names and the list, before any kernel."""
+    from ..core.envs import broken_environments, envs_dir, list_environments
+
+    names = sorted(env.name for env in list_environments())
+    if name in names or name in broken_environments():  # a broken one has its own error
+        return
+    raise EnvironmentNotFound(
+        f"no dspex environment named {name!r} in {envs_dir()}",
+        hint=f"{did_you_mean(name, names)}environments: {', '.join(names) or 'none'}; "
+        f"or create it with: dspex env create {name}",
+    )
 
 
 def overview() -> str:

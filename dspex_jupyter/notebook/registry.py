@@ -7,8 +7,9 @@ kernel exits. Pools of managers the user made in Python are found too.
 
 from __future__ import annotations
 
+import difflib
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import DspexError, PoolNotFound
@@ -20,6 +21,39 @@ if TYPE_CHECKING:
 
 _lock = threading.Lock()
 _default: PoolManager | None = None
+# The --max-memory text each pool was started with ("512MB"), shown back as given.
+_memory_texts: dict[str, tuple[str, int]] = {}
+
+
+def close_names(word: str, choices: Iterable[str]) -> str:
+    """The names of ``choices`` close to a misspelt ``word``: "'x'" or "'x' or 'y'"."""
+    close = difflib.get_close_matches(word, sorted(set(choices)), n=3, cutoff=0.6)
+    return " or ".join(repr(name) for name in close)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """The start of a hint, "did you mean 'x'? ", or "" when no name is close."""
+    close = close_names(word, choices)
+    return f"did you mean {close}? " if close else ""
+
+
+def remember_memory_text(pool: str, text: str | None, parsed: int | None) -> None:
+    """Keep what the user typed for ``pool``'s limit, to show it back in their unit."""
+    _memory_texts.pop(pool, None)
+    if text is not None and parsed is not None:
+        _memory_texts[pool] = (text.strip(), parsed)
+
+
+def memory_text(pool: str, limit: int | None) -> str:
+    """A pool's memory limit as the user gave it ("512MB"), else in binary units."""
+    from ..core.spec import format_bytes
+
+    if limit is None:
+        return "no limit"
+    given = _memory_texts.get(pool)
+    if given is not None and given[1] == limit:  # the same limit, not a later restart's
+        return given[0]
+    return format_bytes(limit)
 
 
 def default_manager() -> PoolManager:
@@ -57,7 +91,8 @@ def find_pool(name: str) -> Pool:
     running = sorted({p for m in managers() for p in m.pools})
     raise PoolNotFound(
         f"no running pool named {name!r}",
-        hint=f"running pools: {', '.join(running) or 'none'}; start one with %dspex start {name}",
+        hint=f"{did_you_mean(name, running)}running pools: {', '.join(running) or 'none'}; "
+        f"start one with %dspex start {name}",
     )
 
 
@@ -78,8 +113,14 @@ def find_run(name: str, namespace: Mapping[str, Any] | None = None) -> Optimizat
     if name in newest:
         return newest[name]
     known = [r.run_id for r in runs()]
+    holders = [
+        key
+        for key, value in (namespace or {}).items()
+        if isinstance(value, OptimizationRun) and not key.startswith("_")
+    ]
     raise DspexError(
         f"no optimization run called {name!r}",
-        hint="give the variable that holds the run (--name of %dspex optimize) or its run id"
+        hint=did_you_mean(name, [*holders, *known])
+        + "give the variable that holds the run (--name of %dspex optimize) or its run id"
         + (f"; run ids: {', '.join(known)}" if known else ""),
     )

@@ -23,7 +23,18 @@ import ipywidgets as widgets
 
 from ..checkpoint import read_json_checked
 from .checkpoint_controls import CheckpointControls
-from .html_render import Raw, first_line, format_duration, html_table
+from .html_render import (
+    BRAND,
+    ERROR,
+    SUCCESS,
+    TEXT,
+    WARNING,
+    Raw,
+    first_line,
+    format_duration,
+    format_score,
+    html_table,
+)
 from .run_progress import (
     FINISHED,
     PHASES,
@@ -48,6 +59,38 @@ def dashboard_for(run: Any) -> RunDashboard:
         dashboard = RunDashboard(run)
         _dashboards[run] = dashboard
     return dashboard
+
+
+def predictor_names(run: Any) -> list[str]:
+    """The program's predictor names (``program.named_predictors()``), in the order of the
+    indices the run's events carry; [] when the run handle does not know them."""
+    program = (getattr(run, "resume_objects", None) or {}).get("program")
+    if program is not None and hasattr(program, "named_predictors"):
+        with contextlib.suppress(Exception):  # a user's module: names are a nicety
+            return [name for name, _ in program.named_predictors()]
+    # A Predict/ChainOfThought is shipped as its state: DSPy's dump_state() keys are the
+    # predictor names (a lone Predict's state is the predictor itself).
+    state = ((getattr(run, "spec", None) or {}).get("program") or {}).get("state")
+    if not isinstance(state, dict):
+        return []
+    if "demos" in state:
+        return ["self"]
+    return [k for k, v in state.items() if isinstance(v, dict) and "demos" in v]
+
+
+def predictor_label(names: list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else f"predictor {index}"
+
+
+def search_plan(run: Any) -> tuple[int | None, bool]:
+    """(num_trials, minibatch) the run was started with, when its handle has its spec."""
+    options = (getattr(run, "spec", None) or {}).get("compile") or {}
+    trials = options.get("num_trials")
+    return (int(trials) if isinstance(trials, int) else None), bool(options.get("minibatch", True))
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def display_run(run: Any) -> None:
@@ -82,7 +125,13 @@ class RunDashboard(widgets.VBox):
             min_interval=min_interval,
             name=f"dspex-dashboard-{getattr(run, 'run_id', '')}",
         )
-        self.controls = CheckpointControls(run, on_change=self._redraw.request)
+        # The cancelled line below is the one place a cancel is reported.
+        self.controls = CheckpointControls(
+            run,
+            on_change=self._redraw.request,
+            announce_cancel=False,
+            trial_of=self._trial_after,
+        )
         self.controls.on_resumed(self.follow)
         bars = [widgets.HBox([self.phase_bars[n], self.phase_labels[n]]) for n in PHASES]
         super().__init__(
@@ -99,6 +148,7 @@ class RunDashboard(widgets.VBox):
             ]
         )
         self._subscribe(run)
+        self.controls.relist()  # its labels count trials as the events replayed say
         self._redraw.draw_now()
 
     # ---- following a run --------------------------------------------------------
@@ -159,6 +209,7 @@ class RunDashboard(widgets.VBox):
         except Exception:  # the chart starts at the resume point instead
             return
         self.progress.add_prior_trials(trials_from_snapshot(body))
+        self.controls.relist()
 
     def _draw(self) -> None:
         run = self.run
@@ -173,7 +224,7 @@ class RunDashboard(widgets.VBox):
         eta = state.eta_seconds()
         self.eta.value = f"<b>ETA</b> {format_duration(eta)}" if eta is not None else "<b>ETA</b> -"
         self.chart.value = score_chart_svg(state.trials)
-        self.candidates.value = self._candidates_html(state)
+        self.candidates.value = self._candidates_html(state, predictor_names(run))
         self.usage.value = self._usage_html(state.usage, state.budget)
         self.notice.value = self._notice_html(state)
         self.error.value = self._error_html(state, run)
@@ -182,18 +233,37 @@ class RunDashboard(widgets.VBox):
     def _header_html(self, run: Any, state: RunProgress, status: str) -> str:
         pool = getattr(getattr(run, "session", None), "pool_name", "")
         best = state.best_score
-        colour = {"completed": "#2e7d32", "failed": "#c0392b", "cancelled": "#8a6d3b"}.get(
-            status, "#1f5fa8"
-        )
+        colour = {"completed": SUCCESS, "failed": ERROR, "cancelled": WARNING}.get(status, BRAND)
+        phase = "done" if status == "completed" else state.phase or "-"
         parts = [
             f"<b>MIPROv2 run {escape(str(run.run_id))}</b>",
             f"pool {escape(pool)}" if pool else "",
             f'status <b style="color:{colour}">{escape(status)}</b>',
-            f"phase {escape(state.phase or '-')}",
-            f"trials {len(state.trials)}",
-            f"best {best:.4g}" if isinstance(best, int | float) else "best -",
+            f"phase {escape(phase)}",
+            f"trials {self._trials_done(run, state)}",
+            f"best {format_score(best)}" if isinstance(best, int | float) else "best -",
         ]
-        return '<div class="dspex-run-header">' + " · ".join(p for p in parts if p) + "</div>"
+        return (
+            f'<div class="dspex-run-header" style="color:{TEXT}">'
+            + " · ".join(p for p in parts if p)
+            + "</div>"
+        )
+
+    def _trial_after(self, evaluations: int) -> int:
+        """The trial count after a snapshot's first ``evaluations`` evaluations."""
+        state = self.progress.copy()
+        state.trials = [t for t in state.trials if t.number <= evaluations]
+        if evaluations and (not state.trials or state.trials[-1].number < evaluations):
+            return evaluations  # trials this dashboard never saw: the raw count
+        return self._trials_done(self.run, state)
+
+    @staticmethod
+    def _trials_done(run: Any, state: RunProgress) -> int:
+        """Trials as ``num_trials`` counts them: minibatch trials (or, without minibatches,
+        the evaluations after the baseline's)."""
+        minibatches, full = state.evaluation_counts()
+        _, minibatch = search_plan(run)
+        return minibatches if minibatch else max(0, full - 1)
 
     def _draw_phase(self, name: str, state: RunProgress) -> None:
         progress, bar, label = state.phases[name], self.phase_bars[name], self.phase_labels[name]
@@ -202,7 +272,7 @@ class RunDashboard(widgets.VBox):
         bar.value = min(progress.step, bar.max) if total else (1 if progress.done else 0)
         bar.bar_style = "success" if progress.done or state.status == "completed" else ""
         if name == "search":
-            label.value = f"trial {progress.step}/{total}" if total else "not started"
+            self._draw_search(progress, bar, label, state)
         elif name == "propose":
             if progress.done or state.candidates:
                 label.value = f"{len(state.candidates)} candidate instructions"
@@ -211,27 +281,67 @@ class RunDashboard(widgets.VBox):
         else:
             label.value = f"{progress.step}/{total} demo sets" if total else "not started"
 
+    def _draw_search(self, progress: Any, bar: Any, label: Any, state: RunProgress) -> None:
+        """ "trial 8/8 · 3 full evaluations": the count ``num_trials`` sets, and what the
+        full evaluations (the baseline's and every few trials) add to it."""
+        num_trials, _ = search_plan(self.run)
+        if num_trials is None:  # a handle without its spec: the runtime's evaluation steps
+            total = progress.total or 0
+            bar.max = max(total, 1)
+            label.value = f"evaluation {progress.step}/{total}" if total else "not started"
+            return
+        done = self._trials_done(self.run, state)
+        _, full = state.evaluation_counts()
+        bar.max = max(num_trials, 1)
+        bar.value = min(done, bar.max)
+        if not state.trials and state.phase != "search":
+            label.value = "not started"
+        else:
+            label.value = f"trial {done}/{num_trials} · {_plural(full, 'full evaluation')}"
+
     @staticmethod
-    def _candidates_html(state: RunProgress) -> str:
+    def _candidates_html(state: RunProgress, names: list[str]) -> str:
         rows = []
+        best = state.best_params()
         for row in state.candidate_rows():
             text = row["instruction"]
             short = text if len(text) <= INSTRUCTION_PREVIEW else text[:INSTRUCTION_PREVIEW] + "…"
-            cell = Raw(f'<span title="{escape(text)}">{escape(short)}</span>')
+            chosen = best.get(f"{row['predictor']}_predictor_instruction") == row["index"]
+            mark = f'<b style="color:{SUCCESS}">★ best</b> ' if chosen else ""
+            cell = Raw(f'{mark}<span title="{escape(text)}">{escape(short)}</span>')
             rows.append(
                 [
-                    row["predictor"],
+                    predictor_label(names, row["predictor"]),
                     row["index"],
                     cell,
                     row["trials"],
-                    row["mean_score"],
-                    row["best_full_score"],
+                    format_score(row["mean_score"]) if row["trials"] else None,
+                    format_score(row["best_full_score"])
+                    if row["best_full_score"] is not None
+                    else None,
                 ]
             )
         if not rows:
             return "<i>candidate instructions appear once they are proposed</i>"
         headers = ["predictor", "#", "instruction", "trials", "mean score", "best full score"]
-        return html_table(headers, rows, css_class="dspex-candidates")
+        table = html_table(headers, rows, css_class="dspex-candidates")
+        return table + RunDashboard._best_program_html(best, names)
+
+    @staticmethod
+    def _best_program_html(best: dict[str, int], names: list[str]) -> str:
+        """ "best program: predict: instruction #2, demo set #3" (the winning choices)."""
+        chosen = []
+        for key in sorted(k for k in best if k.endswith("_predictor_instruction")):
+            index = int(key.split("_", 1)[0])
+            demos = best.get(f"{index}_predictor_demos")
+            sets = f", demo set #{demos}" if demos is not None else ""
+            chosen.append(f"{predictor_label(names, index)}: instruction #{best[key]}{sets}")
+        if not chosen:
+            return ""
+        return (
+            f'<div class="dspex-best-program" style="color:{TEXT}"><b>best program</b> '
+            f"{escape('; '.join(chosen))}</div>"
+        )
 
     @staticmethod
     def _usage_html(usage: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
@@ -244,9 +354,9 @@ class RunDashboard(widgets.VBox):
         against = budget_lines(usage, budget)
         limits = f" · <b>budget</b> {escape(', '.join(against))}" if against else ""
         return (
-            f'<div class="dspex-usage"><b>LM calls</b> {calls:,} sent, {cached:,} from the cache'
-            f" · <b>tokens</b> {total:,} (prompt {prompt:,}, completion {completion:,}) · "
-            f"<b>cost</b> ${cost:.4f}{limits}</div>"
+            f'<div class="dspex-usage" style="color:{TEXT}"><b>LM calls</b> {calls:,} sent, '
+            f"{cached:,} from the cache · {total:,} tokens ({prompt:,} prompt, "
+            f"{completion:,} completion) · <b>cost</b> ${cost:.4f}{limits}</div>"
         )
 
     @staticmethod
@@ -254,17 +364,20 @@ class RunDashboard(widgets.VBox):
         lines = []
         if state.waiting is not None and state.status not in FINISHED:
             text = escape(waiting_line(state.waiting))
-            lines.append(f'<div class="dspex-waiting" style="color:#b26a00">{text}</div>')
+            lines.append(f'<div class="dspex-waiting" style="color:{WARNING}">{text}</div>')
         for warning in map(escape, state.warnings):
-            lines.append(f'<div class="dspex-warning" style="color:#8a6d3b">{warning}</div>')
+            lines.append(f'<div class="dspex-warning" style="color:{WARNING}">{warning}</div>')
         return "".join(lines)
 
-    @staticmethod
-    def _error_html(state: RunProgress, run: Any) -> str:
+    def _error_html(self, state: RunProgress, run: Any) -> str:
         error = state.error
         if state.status == "cancelled" or (run.done and run.status == "cancelled"):
             where = Path(state.cancelled_checkpoint).name if state.cancelled_checkpoint else ""
-            return f"<i>cancelled; resumable from {escape(where or 'its checkpoints')}</i>"
+            at = self._trials_done(run, state)
+            return (
+                f'<div class="dspex-cancelled" style="color:{TEXT}">cancelled at trial {at}; '
+                f"resumable checkpoint: {escape(where or 'its newest checkpoint')}</div>"
+            )
         if error is None:
             return ""
         kind = ", ".join(k for k in ("infrastructure", "resumable") if error.get(k))
@@ -277,7 +390,7 @@ class RunDashboard(widgets.VBox):
         )
         suffix = f" ({escape(kind)})" if kind else ""
         return (
-            f'<div class="dspex-error" style="color:#c0392b"><b>error</b> {escape(title)}'
+            f'<div class="dspex-error" style="color:{ERROR}"><b>error</b> {escape(title)}'
             f"{suffix}</div>{details}"
         )
 

@@ -265,6 +265,20 @@ class RunProgress:
         per_trial = (last_t - first_t) / (last_n - first_n)
         return max(0.0, per_trial * (search.total - last_n))
 
+    def evaluation_counts(self) -> tuple[int, int]:
+        """(minibatch trials, full evaluations) seen: MIPROv2's ``num_trials`` counts the
+        minibatch trials; the full evaluations (the baseline's among them) come on top."""
+        full = sum(1 for t in self.trials if t.eval == "full")
+        return len(self.trials) - full, full
+
+    def best_params(self) -> dict[str, int]:
+        """The parameters of the best full evaluation (the program the run returns)."""
+        best: TrialPoint | None = None
+        for trial in self.trials:
+            if trial.eval == "full" and (best is None or trial.score > best.score):
+                best = trial
+        return dict(best.params) if best is not None else {}
+
     def candidate_rows(self) -> list[dict[str, Any]]:
         """Each proposed instruction with the trials that used it and their scores."""
         rows = []

@@ -1,29 +1,73 @@
 """The trial score chart as an SVG string: no plotting library, renders in any frontend.
 
-Each trial is a marker (minibatch: a blue circle; full evaluation: an orange square), and
-the best full-evaluation score so far is a step line. Elements carry class names
-(``trial minibatch``, ``trial full``, ``best-so-far``) so tests and stylesheets can find them.
+Each trial is a marker (minibatch: a circle; full evaluation: a square), and the best
+full-evaluation score so far is a step line, over a "score" axis with round ticks and
+gridlines. Percent scores (DSPy's, 0-100) get the whole 0-100 axis, so two charts compare
+at a glance and one point is not blown up to fill the plot. Colours are JupyterLab theme
+variables (set through ``style``: SVG presentation attributes do not take ``var()``).
+Elements carry class names (``trial minibatch``, ``trial full``, ``best-so-far``, ``grid``,
+``y-tick``) so tests and stylesheets can find them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from html import escape
 
+from .html_render import BORDER, BRAND, MUTED_TEXT, SUCCESS, TEXT, WARNING, format_score
 from .run_progress import TrialPoint
 
-MINIBATCH_COLOUR = "#4c78a8"
-FULL_COLOUR = "#f58518"
-BEST_COLOUR = "#54a24b"
+MINIBATCH_COLOUR = BRAND
+FULL_COLOUR = WARNING
+BEST_COLOUR = SUCCESS
+AXIS_COLOUR = MUTED_TEXT
+TICKS = 5  # about this many intervals on an axis
 
 
 def _fmt(value: float) -> str:
     return f"{value:.1f}"
 
 
-def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: int = 220) -> str:
+def nice_step(span: float, intervals: int = TICKS) -> float:
+    """The round step (1, 2 or 5 times a power of ten) that cuts ``span`` into about
+    ``intervals`` pieces."""
+    raw = max(span, 1e-12) / intervals
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+
+
+def score_axis(values: Sequence[float]) -> tuple[float, float, float]:
+    """(low, high, step) of the score axis: 0-100 for percentages, 0-1 for fractions,
+    else round bounds around the values (one value: a band of a few points around it)."""
+    low, high = min(values), max(values)
+    if low >= 0 and high <= 1:
+        return 0.0, 1.0, 0.2
+    if low >= 0 and high <= 100:
+        return 0.0, 100.0, 20.0
+    if high - low < 1e-9:
+        low, high = low - 1.0, high + 1.0
+    step = nice_step(high - low)
+    return math.floor(low / step) * step, math.ceil(high / step) * step, step
+
+
+def _ticks(low: float, high: float, step: float) -> list[float]:
+    count = round((high - low) / step)
+    return [low + i * step for i in range(count + 1)]
+
+
+def _tick_text(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{value:.{decimals}f}"
+
+
+def _style(prop: str, colour: str) -> str:
+    return f'style="{prop}:{colour}"'
+
+
+def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: int = 230) -> str:
     """An SVG chart of every trial's score and the best score so far."""
-    left, right, top, bottom = 44, 12, 12, 40
+    left, right, top, bottom = 58, 12, 10, 48
     plot_w, plot_h = width - left - right, height - top - bottom
     head = (
         f'<svg xmlns="http://www.w3.org/2000/svg" class="dspex-score-chart" width="{width}" '
@@ -33,13 +77,12 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
     if not trials:
         return (
             f'{head}<text x="{width / 2}" y="{height / 2}" text-anchor="middle" '
-            f'fill="#888">no trials yet</text></svg>'
+            f"{_style('fill', MUTED_TEXT)}>no trials yet</text></svg>"
         )
     scores = [t.score for t in trials] + [t.best_score for t in trials if t.best_score is not None]
-    low, high = min(scores), max(scores)
-    if high - low < 1e-9:
-        low, high = low - 1.0, high + 1.0
-    first, last = trials[0].number, max(trials[-1].number, trials[0].number + 1)
+    low, high, step = score_axis(scores)
+    first = trials[0].number
+    last = max(trials[-1].number, first + 1)
 
     def x(number: float) -> float:
         return left + (number - first) / (last - first) * plot_w
@@ -49,23 +92,32 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
 
     parts = [head]
     base_y = top + plot_h
-    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base_y}" stroke="#999"/>')
+    for value in _ticks(low, high, step):
+        ty = _fmt(y(value))
+        parts.append(
+            f'<line class="grid" x1="{left}" y1="{ty}" x2="{left + plot_w}" y2="{ty}" '
+            f"{_style('stroke', BORDER)}/>"
+            f'<text class="y-tick" x="{left - 5}" y="{_fmt(y(value) + 4)}" text-anchor="end" '
+            f"{_style('fill', TEXT)}>{_tick_text(value, step)}</text>"
+        )
+    axis = _style("stroke", AXIS_COLOUR)
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base_y}" {axis}/>')
+    parts.append(f'<line x1="{left}" y1="{base_y}" x2="{left + plot_w}" y2="{base_y}" {axis}/>')
+    middle_y = top + plot_h / 2
     parts.append(
-        f'<line x1="{left}" y1="{base_y}" x2="{left + plot_w}" y2="{base_y}" stroke="#999"/>'
+        f'<text class="axis-title" x="14" y="{_fmt(middle_y)}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {_fmt(middle_y)})" {_style("fill", TEXT)}>score</text>'
     )
-    for value in (low, high):
+    x_step = max(1, round(nice_step(last - first)))
+    numbers = list(range(first, trials[-1].number + 1, x_step))
+    for number in numbers:
         parts.append(
-            f'<text x="{left - 4}" y="{_fmt(y(value) + 4)}" text-anchor="end" '
-            f'fill="#555">{value:.3g}</text>'
-        )
-    for number in (first, trials[-1].number):
-        parts.append(
-            f'<text x="{_fmt(x(number))}" y="{base_y + 14}" text-anchor="middle" '
-            f'fill="#555">{number}</text>'
+            f'<text class="x-tick" x="{_fmt(x(number))}" y="{base_y + 14}" '
+            f'text-anchor="middle" {_style("fill", TEXT)}>{number}</text>'
         )
     parts.append(
-        f'<text x="{left + plot_w / 2}" y="{base_y + 14}" text-anchor="middle" '
-        f'fill="#555">trial</text>'
+        f'<text class="axis-title" x="{left + plot_w / 2}" y="{base_y + 27}" '
+        f'text-anchor="middle" {_style("fill", TEXT)}>trial</text>'
     )
 
     # Best so far: a step line through the trials that carry it.
@@ -80,33 +132,39 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
         previous = trial.best_score
     if steps:
         parts.append(
-            f'<polyline class="best-so-far" fill="none" stroke="{BEST_COLOUR}" '
-            f'stroke-width="2" points="{" ".join(steps)}"/>'
+            f'<polyline class="best-so-far" fill="none" stroke-width="2" '
+            f'points="{" ".join(steps)}" {_style("stroke", BEST_COLOUR)}/>'
         )
 
     for trial in trials:
-        cx, cy = _fmt(x(trial.number)), _fmt(y(trial.score))
-        tip = f"<title>trial {trial.number} ({escape(trial.eval)}): {trial.score:.4g}</title>"
+        cx, cy = x(trial.number), y(trial.score)
+        tip = (
+            f"<title>trial {trial.number} ({escape(trial.eval)}): "
+            f"{format_score(trial.score)}</title>"
+        )
         if trial.eval == "full":
             parts.append(
-                f'<rect class="trial full" x="{float(cx) - 4:.1f}" y="{float(cy) - 4:.1f}" '
-                f'width="8" height="8" fill="{FULL_COLOUR}">{tip}</rect>'
+                f'<rect class="trial full" x="{cx - 4:.1f}" y="{cy - 4:.1f}" width="8" '
+                f'height="8" {_style("fill", FULL_COLOUR)}>{tip}</rect>'
             )
         else:
             parts.append(
-                f'<circle class="trial minibatch" cx="{cx}" cy="{cy}" r="3" '
-                f'fill="{MINIBATCH_COLOUR}" fill-opacity="0.8">{tip}</circle>'
+                f'<circle class="trial minibatch" cx="{_fmt(cx)}" cy="{_fmt(cy)}" r="3" '
+                f'fill-opacity="0.8" {_style("fill", MINIBATCH_COLOUR)}>{tip}</circle>'
             )
 
-    legend_y = height - 8
+    legend_y = height - 6
+    text = _style("fill", TEXT)
     parts.append(
-        f'<circle cx="{left + 6}" cy="{legend_y - 4}" r="3" fill="{MINIBATCH_COLOUR}"/>'
-        f'<text x="{left + 14}" y="{legend_y}" fill="#333">minibatch</text>'
-        f'<rect x="{left + 82}" y="{legend_y - 8}" width="8" height="8" fill="{FULL_COLOUR}"/>'
-        f'<text x="{left + 94}" y="{legend_y}" fill="#333">full evaluation</text>'
+        f'<g class="legend"><circle cx="{left + 6}" cy="{legend_y - 4}" r="3" '
+        f"{_style('fill', MINIBATCH_COLOUR)}/>"
+        f'<text x="{left + 14}" y="{legend_y}" {text}>minibatch</text>'
+        f'<rect x="{left + 82}" y="{legend_y - 8}" width="8" height="8" '
+        f"{_style('fill', FULL_COLOUR)}/>"
+        f'<text x="{left + 94}" y="{legend_y}" {text}>full evaluation</text>'
         f'<line x1="{left + 190}" y1="{legend_y - 4}" x2="{left + 206}" y2="{legend_y - 4}" '
-        f'stroke="{BEST_COLOUR}" stroke-width="2"/>'
-        f'<text x="{left + 212}" y="{legend_y}" fill="#333">best so far</text>'
+        f'stroke-width="2" {_style("stroke", BEST_COLOUR)}/>'
+        f'<text x="{left + 212}" y="{legend_y}" {text}>best so far</text></g>'
     )
     parts.append("</svg>")
     return "".join(parts)

@@ -64,9 +64,10 @@ def test_pool_run_dashboard_checkpoint_cancel_and_sidebar(lab: LabPage):
     # The dashboard: trial count and chart grow while the run runs.
     dashboard = lab.cell_output(3)
     expect(dashboard).to_contain_text("MIPROv2 run")
-    # "trial k/N": N counts the minibatch trials and the full evaluations among them.
-    trial_label = dashboard.get_by_text(re.compile(r"^trial \d+/\d+$"))
-    expect(trial_label).to_have_text(re.compile(r"^trial ([2-9]|\d\d)/\d\d$"), timeout=WAIT)
+    # "trial k/N · M full evaluations": N is num_trials; the full evaluations are told apart.
+    full = r"(?: · \d+ full evaluations?)?$"
+    trial_label = dashboard.get_by_text(re.compile(r"^trial \d+/\d+" + full))
+    expect(trial_label).to_have_text(re.compile(r"^trial ([2-9]|\d\d)/\d\d" + full), timeout=WAIT)
     # The chart (inline SVG, one mark per trial) grows too.
     first = wait_chart_points(lab, 2)
     wait_chart_points(lab, first + 1)
@@ -91,6 +92,7 @@ def test_pool_run_dashboard_checkpoint_cancel_and_sidebar(lab: LabPage):
     dashboard.get_by_role("button", name=re.compile("Checkpoint")).click()
     expect(dashboard).to_contain_text(re.compile(r"checkpoint written: ckpt-"), timeout=WAIT)
     dashboard.get_by_role("button", name="Cancel").click()
+    dashboard.get_by_role("button", name="Confirm cancel?").click()  # Cancel asks first
     expect(dashboard).to_contain_text(
         re.compile(r"cancelled at trial \d+; resumable checkpoint: ckpt-\d+\.json"), timeout=WAIT
     )

@@ -138,6 +138,7 @@ def test_dashboard_is_live_after_the_tab_is_closed_and_reopened(
 
     # Cancel from the reopened dashboard; both views say so. Then stop the pool.
     reopened.get_by_role("button", name="Cancel").click()
+    reopened.get_by_role("button", name="Confirm cancel?").click()  # Cancel asks first
     cancelled = re.compile(r"cancelled at trial \d+; resumable checkpoint: ckpt-\d+\.json")
     expect(reopened).to_contain_text(cancelled, timeout=WAIT)
     expect(attached).to_contain_text(cancelled)

@@ -10,11 +10,15 @@ import re
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
+from dspex_jupyter.checkpoint import CheckpointDir
+from dspex_jupyter.core.errors import RemoteError
 from dspex_jupyter.notebook import magics as magics_module
 from dspex_jupyter.notebook import registry
 from dspex_jupyter.notebook.gpu_widget import GpuMemoryWidget
+from dspex_jupyter.notebook.magics import format_error
 from dspex_jupyter.notebook.pool_dashboard import PoolDashboard
 from dspex_jupyter.notebook.run_dashboard import dashboard_for
+from dspex_jupyter.optimizers.mipro import RUNTIME
 from tests.integration import mipro_helpers as mh
 
 pytestmark = pytest.mark.integration
@@ -90,6 +94,38 @@ def test_start_run_and_session_cells(ip, capsys):
     assert capsys.readouterr().out == "session 's1' released\n"
     dspex(ip, "session s1", "print(x)")
     assert "no session named 's1'" in capsys.readouterr().err
+
+
+def test_limits_read_as_typed_and_dspex_checks_in_a_kernel_are_one_line(ip, capsys, tmp_path):
+    dspex(ip, "start sized --max-memory 512MB")
+    capsys.readouterr()
+    try:
+        dspex(ip, "health")
+        lines = capsys.readouterr().out.splitlines()
+        assert any(
+            line.startswith("sized: ") and line.endswith(", memory limit 512MB") for line in lines
+        ), lines
+        assert registry.find_pool("sized").spec.max_memory == 512_000_000  # the limit, in bytes
+    finally:
+        dspex(ip, "stop sized")
+    assert capsys.readouterr().out == "pool 'sized' stopped\n"
+
+    # A check of dspex's own failing in a kernel (the folder check of start_run, which the
+    # magic's own check pre-empts): its message and hint, no remote frames of dspex.
+    used = CheckpointDir(tmp_path / "used")
+    used.create()
+    used.run_file.write_text("{}")
+    with (
+        registry.find_pool(POOL).session(timeout=WAIT) as session,
+        pytest.raises(RemoteError) as caught,
+    ):
+        session.call(f"{RUNTIME}:start_run", {"checkpoint_dir": str(used.path)}, {}, {})
+    assert caught.value.remote_traceback  # the kernel sent one ...
+    assert format_error(caught.value).splitlines() == [  # ... and it is not shown
+        f"dspex: CheckpointError: {used.path} already holds a run (raised in pool '{POOL}', "
+        f"session '{session.id}')",
+        "  hint: resume it with MIPROv2.resume(dir), or choose an empty checkpoint_dir",
+    ]
 
 
 def test_pool_dashboard_restarts_kernels_and_releases_sessions(ip, capsys):
@@ -173,12 +209,15 @@ def test_optimize_dashboard_buttons_and_run_magics(ip, capsys, tmp_path):
     controls.checkpoint_button.click()
     assert controls.wait_idle(WAIT)
     assert "checkpoint written: ckpt-" in controls.outcome.value
+    controls.cancel_button.click()  # asks to confirm first
+    assert controls.cancel_button.description == "Confirm cancel?" and not run.done
     controls.cancel_button.click()
     assert controls.wait_idle(WAIT)
-    assert re.search(
-        r"cancelled at trial \d+; resumable checkpoint: ckpt-\d+\.json", controls.outcome.value
-    )
     assert run.status == "cancelled"
+    assert board.wait_drawn(WAIT)  # the dashboard says it, once
+    assert re.search(
+        r"cancelled at trial \d+; resumable checkpoint: ckpt-\d+\.json", board.error.value
+    )
     assert controls.checkpoint_button.disabled and controls.cancel_button.disabled
     assert not controls.resume_button.disabled  # the newest checkpoint is chosen
 
@@ -209,4 +248,45 @@ def test_optimize_dashboard_buttons_and_run_magics(ip, capsys, tmp_path):
     dspex(ip, "cancel nbrun")
     assert "has already finished (completed)" in capsys.readouterr().err
     dspex(ip, "runs")
-    assert f"{run.run_id}  completed" in capsys.readouterr().out
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split() == [
+        "variable",
+        "run",
+        "optimizer",
+        "status",
+        "best",
+        "best",
+        "instruction",
+        "cost",
+        "time",
+    ]
+    # Runs other tests of this process still hold are listed too (variable "-"): find ours.
+    ours = [row.split()[:4] for row in rows[1:] if row.split()[:1] == ["nbrun"]]
+    assert ours == [["nbrun", run.run_id, "MIPROv2", "completed"]], rows
+
+    # The folder holds that run now: one line, the way on, and no traceback.
+    dspex(
+        ip,
+        f"optimize --pool {POOL} --program program --trainset trainset --metric metric --lm lm "
+        f"--checkpoint-dir {folder} --name nbrun2",
+    )
+    out, err = capsys.readouterr()
+    assert (out, err) == (
+        "",
+        f"dspex: {folder} already holds a run: `%dspex resume {folder}` to go on, "
+        "or give a new --checkpoint-dir\n",
+    )
+    assert "nbrun2" not in ip.user_ns
+
+    # What DSPy printed there; a progress bar redrawn with "\r" shows as its last state.
+    text = final.log_path.read_bytes().decode()  # read_text would turn "\r" into "\n"
+    written = [line.rsplit("\r", 1)[-1] for line in text.split("\n")]
+    assert written.pop() == "" and len(written) >= 3, written
+    dspex(ip, "log nbrun --lines 3")
+    assert capsys.readouterr() == ("".join(f"{line}\n" for line in written[-3:]), "")
+    dspex(ip, f"log {run.run_id} --lines 1")  # by run id too
+    assert capsys.readouterr().out == f"{written[-1]}\n"
+    dspex(ip, "log nbrn")
+    assert capsys.readouterr().err.startswith(
+        "dspex: no optimization run called 'nbrn'\n  hint: did you mean 'nbrun'? "
+    )

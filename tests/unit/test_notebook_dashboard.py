@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from dspex_jupyter.core.errors import SessionKernelLost
 from dspex_jupyter.notebook import actions
 from dspex_jupyter.notebook.checkpoint_controls import CheckpointControls
-from dspex_jupyter.notebook.run_dashboard import RunDashboard, dashboard_for
+from dspex_jupyter.notebook.run_dashboard import RunDashboard, dashboard_for, predictor_names
 from dspex_jupyter.notebook.run_progress import RunProgress, trials_from_snapshot
 from dspex_jupyter.notebook.score_chart import score_chart_svg
 from tests.unit.test_notebook_fakes import (
@@ -42,50 +44,115 @@ def drawn(board: RunDashboard) -> RunDashboard:
     return board
 
 
-def test_dashboard_shows_phases_chart_candidates_and_usage(run, dashboard):
+# What OptimizationRun.spec holds for `MIPROv2(...).optimize(dspy.ChainOfThought("q -> a"),
+# num_trials=8)`: the compile options, and the program as its dump_state().
+SPEC = {
+    "compile": {"num_trials": 8, "minibatch": True},
+    "program": {"kind": "dspy", "state": {"predict": {"demos": [], "signature": {}}}},
+}
+
+
+@pytest.fixture
+def planned_run():
+    run = FakeRun()
+    run.spec = SPEC
+    return run
+
+
+def test_dashboard_shows_phases_chart_candidates_and_usage(planned_run):
+    run = planned_run
+    dashboard = RunDashboard(run)
     feed_typical_run(run, trials=7)
     drawn(dashboard)
     bars, labels = dashboard.phase_bars, dashboard.phase_labels
     assert (bars["bootstrap"].value, bars["bootstrap"].max) == (4, 4)
     assert bars["bootstrap"].bar_style == "success" and labels["bootstrap"].value == "4/4 demo sets"
     assert labels["propose"].value == "4 candidate instructions"
-    assert (bars["search"].value, bars["search"].max) == (7, 13)
-    assert labels["search"].value == "trial 7/13"
+    # Seven evaluations: 1, 3 and 6 full, so 4 of the 8 minibatch trials num_trials asks for.
+    assert (bars["search"].value, bars["search"].max) == (4, 8)
+    assert labels["search"].value == "trial 4/8 · 3 full evaluations"
     assert "status <b" in dashboard.header.value and "running" in dashboard.header.value
+    assert "phase search · trials 4 · best 55</div>" in dashboard.header.value
     # Seven trials: 1, 3, 6 are full evaluations, the others minibatches.
     chart = dashboard.chart.value
     assert chart.count('class="trial full"') == 3
     assert chart.count('class="trial minibatch"') == 4
     assert chart.count('class="best-so-far"') == 1
     assert "trial 7 (minibatch): 55" in chart
-    # Candidates with their mean scores (instruction index = trial number % 4).
+    # Candidates with their mean scores (instruction index = trial number % 4), under the
+    # predictor's name; the best full evaluation (trial 3: instruction 3, demo set 0) wins.
     table = dashboard.candidates.value
     for text in INSTRUCTIONS[:3]:
         assert text in table
     assert "Think about &lt;units&gt; &amp; answer" in table  # escaped
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", table)
+    assert cells[:2] == ["predict", "0"] and cells[6:8] == ["predict", "1"]
+    assert cells[10:12] == ["45", "45"]  # instruction 1: trials 1 (full) and 5, both 45
+    assert table.count("★ best") == 1
+    assert re.search(r"★ best</b> <span title=\"Think about", table)
+    assert "<b>best program</b> predict: instruction #3, demo set #0</div>" in table
     rows = RunProgress()
     for event in run.events:
         rows.apply(event)
     by_index = {r["index"]: r for r in rows.candidate_rows()}
     assert by_index[1]["trials"] == 2 and by_index[1]["mean_score"] == 45.0  # trials 1 and 5
     assert by_index[3]["best_full_score"] == 55.0  # trial 3, full
-    assert "LM calls</b> 70" in dashboard.usage.value
-    assert "18,900" in dashboard.usage.value and "$0.0070" in dashboard.usage.value
+    assert "<b>LM calls</b> 70 sent, 0 from the cache · " in dashboard.usage.value
+    assert "18,900 tokens (17,500 prompt, 1,400 completion)" in dashboard.usage.value
+    assert "<b>cost</b> $0.0070" in dashboard.usage.value
     # One trial a second, 6 trials to go.
     assert dashboard.eta.value == "<b>ETA</b> 6s"
     assert dashboard.error.value == ""
+    dashboard.close()
 
 
-def test_completed_run_fills_every_bar(run, dashboard):
+def test_without_the_runs_spec_the_dashboard_counts_evaluations(run, dashboard):
+    feed_typical_run(run, trials=7)
+    drawn(dashboard)
+    assert dashboard.phase_labels["search"].value == "evaluation 7/13"
+    assert (dashboard.phase_bars["search"].value, dashboard.phase_bars["search"].max) == (7, 13)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", dashboard.candidates.value)
+    assert cells[0] == "predictor 0"
+    assert "<b>best program</b> predictor 0: instruction #3, demo set #0" in (
+        dashboard.candidates.value
+    )
+
+
+def test_predictor_names_come_from_the_program():
+    import dspy
+
+    class TwoSteps(dspy.Module):
+        def __init__(self):
+            super().__init__()
+            self.gen = dspy.ChainOfThought("question -> answer")
+            self.check = dspy.Predict("answer -> verdict")
+
+    given = SimpleNamespace(resume_objects={"program": TwoSteps()}, spec={})
+    assert predictor_names(given) == ["gen.predict", "check"]
+    shipped = dspy.ChainOfThought("question -> answer").dump_state()
+    assert predictor_names(SimpleNamespace(spec={"program": {"state": shipped}})) == ["predict"]
+    lone = dspy.Predict("question -> answer").dump_state()
+    assert predictor_names(SimpleNamespace(spec={"program": {"state": lone}})) == ["self"]
+    assert predictor_names(SimpleNamespace()) == []
+
+
+def test_completed_run_fills_every_bar(planned_run):
+    run = planned_run
+    dashboard = RunDashboard(run)
+    # 13 evaluations for num_trials=8: 8 minibatch trials, 5 full evaluations (1, 3, 6, 9, 12).
     feed_typical_run(run, trials=13)
     run.emit("complete", best_score=55.0, usage=usage(300), trials=13)
     run.finish("completed")
     drawn(dashboard)
     assert all(bar.bar_style == "success" for bar in dashboard.phase_bars.values())
-    assert dashboard.phase_bars["search"].value == 13
-    assert "completed" in dashboard.header.value and "best 55" in dashboard.header.value
+    assert (dashboard.phase_bars["search"].value, dashboard.phase_bars["search"].max) == (8, 8)
+    assert dashboard.phase_labels["search"].value == "trial 8/8 · 5 full evaluations"
+    assert re.search(
+        r"status <b[^>]*>completed</b> · phase done · trials 8 · best 55<", (dashboard.header.value)
+    )
     assert dashboard.eta.value == "<b>ETA</b> -"
     assert "LM calls</b> 300" in dashboard.usage.value
+    dashboard.close()
 
 
 def test_error_event_is_shown_with_its_remote_traceback(run, dashboard):
@@ -219,10 +286,64 @@ def test_resume_needs_a_valid_checkpoint(run):
     controls = CheckpointControls(other)
     assert states(controls) == {"checkpoint": True, "cancel": True, "resume": False}
     # Newest first; the final "done" snapshot cannot be resumed and is not offered.
-    labels = [label for label, _ in controls.checkpoint_picker.options]
-    assert len(labels) == 2 and "trial 4" in labels[0] and "ckpt-000002.json" in labels[0]
-    assert "best 55" in labels[0]
+    when = [clock(row) for row in other.checkpoint_rows]
+    assert controls.checkpoint_picker.options == (
+        (f"trial 4 · best 55 · {when[1]}", "ckpt-000002.json"),
+        (f"bootstrapped · {when[0]}", "ckpt-000001.json"),
+    )
     assert controls.checkpoint_picker.value == "ckpt-000002.json"
+    assert controls.resume_button.tooltip == "go on from the chosen checkpoint"
+
+
+def clock(row: dict) -> str:
+    return datetime.datetime.fromtimestamp(row["written_at"]).strftime("%H:%M:%S")
+
+
+def test_checkpoint_entries_that_would_read_the_same_get_their_snapshot_number(run):
+    rows = [checkpoint_row(f"ckpt-{n:06d}.json", trial) for n, trial in ((9, 7), (10, 8), (11, 8))]
+    for row in rows:
+        row["written_at"] = rows[0]["written_at"]  # the same second
+    run.checkpoint_rows = rows
+    run.finish("cancelled")
+    controls = CheckpointControls(run)
+    when = clock(rows[0])
+    assert [label for label, _ in controls.checkpoint_picker.options] == [
+        f"trial 8 · best 55 · {when} · snapshot 11",
+        f"trial 8 · best 55 · {when} · snapshot 10",
+        f"trial 7 · best 55 · {when}",
+    ]
+
+
+def test_the_dashboards_checkpoint_list_counts_trials_as_its_header(planned_run):
+    run = planned_run
+    feed_typical_run(run, trials=7)  # evaluations 1, 3 and 6 are full
+    run.checkpoint_rows = [
+        checkpoint_row("ckpt-000003.json", 3),  # after evaluation 3: trial 1
+        checkpoint_row("ckpt-000004.json", 6),  # after evaluation 6: trial 3
+        checkpoint_row("ckpt-000005.json", 9),  # never seen here: shown as it is
+    ]
+    run.finish("cancelled")
+    board = RunDashboard(run)
+    try:
+        drawn(board)
+        labels = [label for label, _ in board.controls.checkpoint_picker.options]
+        assert [label.split(" · ")[0] for label in labels] == ["trial 9", "trial 3", "trial 1"]
+    finally:
+        board.close()
+
+
+def test_a_disabled_control_says_why(run):
+    controls = CheckpointControls(run)
+    assert controls.resume_button.tooltip == "the run is still running: cancel it first"
+    assert controls.cancel_button.tooltip == "stop within one trial, resumably (asks first)"
+    run.finish("completed")
+    controls.refresh()
+    assert controls.resume_button.tooltip == "the run completed: nothing to resume"
+    assert controls.cancel_button.tooltip == "the run completed: nothing to cancel"
+    assert controls.checkpoint_button.tooltip == "the run completed: nothing to checkpoint"
+    failed = FakeRun("fake03")
+    failed.finish("failed", RuntimeError("boom"))
+    assert CheckpointControls(failed).resume_button.tooltip == "no valid checkpoint to resume from"
 
 
 def test_checkpoint_button_runs_on_a_thread_and_reports(run):
@@ -240,10 +361,29 @@ def test_checkpoint_button_runs_on_a_thread_and_reports(run):
     assert states(controls) == {"checkpoint": False, "cancel": False, "resume": True}
 
 
+def test_cancel_asks_first(run):
+    controls = CheckpointControls(run)
+    assert controls.keep_button.layout.display == "none"
+    controls.cancel_button.click()
+    assert run.cancel_calls == 0 and controls.cancel_button.description == "Confirm cancel?"
+    assert controls.cancel_button.button_style == "danger"
+    assert controls.keep_button.layout.display == ""
+    controls.refresh()  # a redraw while asking keeps the question
+    assert controls.cancel_button.description == "Confirm cancel?"
+    controls.keep_button.click()
+    assert controls.cancel_button.description == "Cancel"
+    assert controls.keep_button.layout.display == "none"
+    controls.cancel_button.click()
+    controls.cancel_button.click()
+    assert controls.wait_idle(WAIT)
+    assert run.cancel_calls == 1 and controls.cancel_button.description == "Cancel"
+
+
 def test_cancel_button_reports_the_trial_and_enables_resume(run):
     feed_typical_run(run, trials=5)
     controls = CheckpointControls(run)
     controls.cancel_button.click()
+    controls.cancel_button.click()  # confirmed
     assert controls.wait_idle(WAIT)
     assert run.cancel_calls == 1
     assert "cancelled at trial 5" in controls.outcome.value
@@ -296,3 +436,20 @@ def test_resume_button_makes_the_dashboard_follow_the_new_run(run, monkeypatch):
         assert re.search(r"status <b[^>]*>running", board.header.value)
     finally:
         board.close()
+
+
+def test_a_cancel_in_the_dashboard_is_reported_once(run, dashboard):
+    feed_typical_run(run, trials=5)
+    drawn(dashboard)
+    dashboard.controls.cancel_button.click()
+    dashboard.controls.cancel_button.click()
+    assert dashboard.controls.wait_idle(WAIT)
+    drawn(dashboard)
+    assert run.cancel_calls == 1
+    assert dashboard.controls.outcome.value == ""
+    everything = dashboard.header.value + dashboard.error.value + dashboard.notice.value
+    assert everything.count("cancelled at") == 1
+    # Trials 2, 4 and 5 were minibatch trials; 1 and 3 full evaluations.
+    assert "cancelled at trial 3; resumable checkpoint: ckpt-000001.json</div>" in (
+        dashboard.error.value
+    )
