@@ -16,7 +16,6 @@ import zlib
 from typing import Any
 
 import dspy
-import optuna
 import pytest
 from dspy.propose.utils import get_dspy_source_code
 
@@ -27,6 +26,7 @@ from dspex_jupyter.runtime.mipro import build_lm
 from dspex_jupyter.testing import arithmetic, simulated_lm
 from dspex_jupyter.testing.mipro_settings import quick_settings
 from tests.integration import any_program_helpers as helpers
+from tests.integration import mipro_helpers as mh
 
 pytestmark = pytest.mark.integration
 
@@ -133,23 +133,13 @@ def in_process(program, task_lm, prompt_lm, compile_args=None) -> Outcome:
     """DSPy's own MIPROv2 in this process (its Optuna study captured for the trials)."""
     task = arithmetic()
     options, quick = quick_settings()
-    studies = []
-    create_study = optuna.create_study
-
-    def capture(*args, **kwargs):
-        studies.append(create_study(*args, **kwargs))
-        return studies[-1]
-
-    optuna.create_study = capture
-    try:
+    with mh.captured_studies() as studies:
         optimizer = RecordingMIPROv2(
             metric=task.metric, prompt_model=prompt_lm, task_model=task_lm, verbose=False,
             **options,
         )  # fmt: skip
         best = optimizer.compile(program, trainset=task.trainset, valset=task.valset,
                                  **{**quick, **(compile_args or {})})  # fmt: skip
-    finally:
-        optuna.create_study = create_study
     trials = [(t.params, t.value) for t in studies[0].trials]
     return Outcome(trials, dict(optimizer.candidates), best.dump_state())
 

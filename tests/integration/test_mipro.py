@@ -9,7 +9,6 @@ import signal
 import threading
 
 import dspy
-import optuna
 import pytest
 
 from dspex_jupyter import MIPROv2, PoolManager, PoolSpec
@@ -35,23 +34,13 @@ def manager():
 
 def in_process_reference(task, lm, num_threads=1):
     """Upstream MIPROv2.compile in this process; its Optuna trials and final program."""
-    studies = []
-    create_study = optuna.create_study
-
-    def capture(*args, **kwargs):
-        studies.append(create_study(*args, **kwargs))
-        return studies[-1]
-
-    optuna.create_study = capture
-    try:
+    with mh.captured_studies() as studies:
         optimizer = dspy.teleprompt.MIPROv2(
             metric=task.metric, prompt_model=lm, task_model=lm, num_threads=num_threads,
             verbose=False, **mh.OPTIONS,
         )  # fmt: skip
         best = optimizer.compile(task.make_program(), trainset=task.trainset,
                                  valset=task.valset, **mh.COMPILE)  # fmt: skip
-    finally:
-        optuna.create_study = create_study
     trials = [(t.params, t.value) for t in studies[0].trials]
     return trials, best.dump_state()
 
