@@ -322,6 +322,8 @@ class OptimizationRun:
         self._cancelling = False  # cancel() asked: a kernel death now means "cancelled"
         # The notebook objects it was started with (program, metric, LMs): resume needs them.
         self.resume_objects: dict[str, Any] = {}
+        # Modules the user named in optimize(): a resume from this process may import them.
+        self.trusted_modules: tuple[str, ...] = ()
         _live_runs[run_id] = self
 
     @property
@@ -767,7 +769,7 @@ class MIPROv2:
 
 def _resume_trust(run: OptimizationRun) -> dict[str, Any] | None:
     """What an automatic resume tells the kernel about the run's folder (trust.py)."""
-    return kernel_trust(run.checkpoint_dir, getattr(run, "trusted_modules", ()))
+    return kernel_trust(run.checkpoint_dir, run.trusted_modules)
 
 
 def _budget(**limits: Any) -> dict[str, Any]:

@@ -67,9 +67,6 @@ INFRASTRUCTURE_ERRORS = (
     ("builtins", "ModuleNotFoundError"),
 )
 _BOOTSTRAP_LINE = re.compile(r"Bootstrapping set (\d+)/(\d+)")
-# Only these LM classes are rebuilt from a checkpoint by name; anything else must be
-# passed to resume() again (loading a checkpoint never imports arbitrary code).
-TRUSTED_LM_MODULES = ("dspy.", "dspex_jupyter.testing")
 
 
 # LM failures worth waiting for: the LM may come back. A wrong key or model never does.

@@ -315,20 +315,6 @@ HYGIENE = [
 CATALOGUE += HYGIENE
 
 
-@pytest.mark.parametrize(
-    ("action", "error", "pattern"),
-    [pytest.param(a, e, p, id=i) for i, a, e, p in HYGIENE],
-)
-def test_hygiene_bad_input_gets_a_typed_error_with_a_hint(
-    manager, tmp_path, action, error, pattern
-):
-    with pytest.raises(error, match=pattern) as info:
-        action(manager, tmp_path)
-    assert isinstance(info.value, DspexError) and info.value.hint.strip()
-    assert manager["bad"].call(f"{H}:square", 5) == 25  # the pool is still fine
-    assert manager["bad"].call(f"{H}:echo", 2**100) == ((2**100,), {})  # ints of any size
-
-
 # ---- MIPROv2 runs: budgets, outage policy, nothing to resume (helper E2) ---------------
 from dspex_jupyter.core.errors import NothingToResume  # noqa: E402 (this section's own)
 
@@ -356,14 +342,18 @@ RUN_MACHINERY = [
 ]  # fmt: skip
 
 
+CATALOGUE += RUN_MACHINERY
+
+
 @pytest.mark.parametrize(
     ("action", "error", "pattern"),
-    [pytest.param(a, e, p, id=i) for i, a, e, p in RUN_MACHINERY],
+    [pytest.param(a, e, p, id=i) for i, a, e, p in HYGIENE + RUN_MACHINERY],
 )
-def test_run_machinery_bad_input_gets_a_typed_error_with_a_hint(
-    manager, tmp_path, action, error, pattern
-):
+def test_newer_bad_input_gets_a_dspex_error_with_a_hint(manager, tmp_path, action, error, pattern):
+    """The rows added with issues #11 and #12: each is a DspexError with a hint, and the
+    pool stays fine (integers of any size included)."""
     with pytest.raises(error, match=pattern) as info:
         action(manager, tmp_path)
     assert isinstance(info.value, DspexError) and info.value.hint.strip()
     assert manager["bad"].call(f"{H}:square", 5) == 25  # the pool is still fine
+    assert manager["bad"].call(f"{H}:echo", 2**100) == ((2**100,), {})  # ints of any size
