@@ -23,16 +23,22 @@ _LAZY = {
     "Stream": "dspex_jupyter.core.streams",
     "ExchangeConfig": "dspex_jupyter.exchange",
     "ExchangeError": "dspex_jupyter.exchange",
+    "compile": "dspex_jupyter.optimizers.runs",
+    "resume": "dspex_jupyter.optimizers.runs",
     "MIPROv2": "dspex_jupyter.optimizers.mipro",
-    "OptimizationRun": "dspex_jupyter.optimizers.mipro",
-    "OptimizedModule": "dspex_jupyter.optimizers.mipro",
+    "OptimizationRun": "dspex_jupyter.optimizers.runs",
+    "OptimizedModule": "dspex_jupyter.optimizers.runs",
     "RecoveryPolicy": "dspex_jupyter.core.recovery",
     "CheckpointError": "dspex_jupyter.checkpoint",
     "UntrustedCheckpointError": "dspex_jupyter.checkpoint",
     "ForbiddenReferenceError": "dspex_jupyter.checkpoint",
-    "RunCancelled": "dspex_jupyter.optimizers.mipro",
-    "RunFailed": "dspex_jupyter.optimizers.mipro",
+    "RunCancelled": "dspex_jupyter.optimizers.runs",
+    "RunFailed": "dspex_jupyter.optimizers.runs",
     "DspyVersionError": "dspex_jupyter.runtime.dspy_support",
+    "RunHistory": "dspex_jupyter.core.history",
+    "load_program": "dspex_jupyter.core.history",
+    "to_mlflow": "dspex_jupyter.optimizers.export",
+    "write_kernelspec": "dspex_jupyter.core.kernelspecs",
 }
 # Every error class of core/errors.py (standard library only, so cheap to import even in
 # a kernel): one appended there is exported without a second list to keep in step.
@@ -64,4 +70,6 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
-__all__ = ["__version__", *_LAZY, *_ERRORS]
+# ``dspex.compile`` is reached as an attribute only: a star import must not shadow
+# Python's own ``compile``.
+__all__ = ["__version__", *(name for name in _LAZY if name != "compile"), *_ERRORS]

@@ -36,7 +36,9 @@ from typing import Any
 
 from .core.errors import DspexError  # standard library only, like this module
 
-FORMAT = "dspex.mipro.checkpoint"
+FORMAT = "dspex.run.checkpoint"
+# Formats a reader of FORMAT also accepts: runs written when dspex ran MIPROv2 only.
+OLDER_FORMATS = {FORMAT: ("dspex.mipro.checkpoint",)}
 VERSION = 1
 _SNAPSHOT = re.compile(r"^ckpt-(\d{6})\.json$")
 # Keys whose values never go into a checkpoint, an event or a log.
@@ -154,7 +156,8 @@ def read_document(path: Path, fmt: str = FORMAT) -> tuple[Any, dict[str, Any]]:
             hint="resume from an earlier checkpoint of the run (run.checkpoints())",
         ) from None
     what = "MIPROv2 checkpoint" if fmt == FORMAT else f"{fmt} file"
-    if not isinstance(document, dict) or document.get("format") != fmt:
+    accepted = (fmt, *OLDER_FORMATS.get(fmt, ()))
+    if not isinstance(document, dict) or document.get("format") not in accepted:
         raise CheckpointError(
             f"{path} is not a dspex {what} (format {document.get('format')!r})"
             if isinstance(document, dict)

@@ -57,7 +57,7 @@ import re
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -1053,3 +1053,151 @@ class Outgoing:
         for path in self.files:
             _unlink(path)
         self.files.clear()
+
+
+# ---- message buffers in pieces (kernels on another machine) ----------------------------
+# A kernel elsewhere gets every value in message buffers (no shared folder); a 100 MB table
+# would be one 100 MB ZMQ message, held whole in each queue it passes. Buffers bigger than
+# this go instead as numbered pieces of at most this size, each its own comm message, both
+# ways; the request or reply that follows names them, and the receiver puts them together.
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def _flat(buffer: Any) -> memoryview:
+    view = memoryview(buffer)
+    return view if view.ndim == 1 and view.format in ("B", "b", "c") else view.cast("B")
+
+
+def needs_chunks(buffers: list[Any], chunk_bytes: int | None) -> bool:
+    """Whether ``buffers`` must go in pieces of ``chunk_bytes`` (None: never)."""
+    return bool(chunk_bytes) and any(_flat(b).nbytes > chunk_bytes for b in buffers)
+
+
+def split_buffers(buffers: list[Any], chunk_bytes: int) -> tuple[list[int], list[memoryview]]:
+    """The buffers' sizes and their pieces: views of ``buffers`` of at most ``chunk_bytes``
+    each, in order (nothing is copied)."""
+    sizes, pieces = [], []
+    for buffer in buffers:
+        view = _flat(buffer)
+        sizes.append(view.nbytes)
+        pieces.extend(view[i : i + chunk_bytes] for i in range(0, view.nbytes, chunk_bytes))
+    return sizes, pieces
+
+
+class ChunkAssembler:
+    """Writes numbered pieces into buffers of the sizes the first piece announced, as they
+    arrive (one copy, no list of pieces). A piece missing (a queue that dropped it) or out of
+    order fails the value instead of corrupting it."""
+
+    def __init__(self, sizes: Any) -> None:
+        if not isinstance(sizes, list) or not all(type(n) is int and n >= 0 for n in sizes):
+            raise ExchangeError(f"invalid sizes for a chunked value: {sizes!r}")
+        self._buffers = [bytearray(n) for n in sizes]
+        self._index = 0  # the buffer being filled
+        self._offset = 0
+        self._next = 0  # the piece expected next
+        self._skip_full()
+
+    def _skip_full(self) -> None:
+        while self._index < len(self._buffers) and self._offset >= len(self._buffers[self._index]):
+            self._index += 1
+            self._offset = 0
+
+    @property
+    def done(self) -> bool:
+        return self._index >= len(self._buffers)
+
+    def add(self, seq: Any, piece: Any) -> None:
+        view = _flat(piece)
+        if seq != self._next:
+            raise ExchangeError(
+                f"piece {seq!r} of a chunked value arrived where piece {self._next} was "
+                "expected: pieces were lost on the way"
+            )
+        if self.done or self._offset + view.nbytes > len(self._buffers[self._index]):
+            raise ExchangeError("a chunked value's pieces do not add up to its sizes")
+        self._buffers[self._index][self._offset : self._offset + view.nbytes] = view
+        self._offset += view.nbytes
+        self._next += 1
+        self._skip_full()
+
+    def buffers(self, pieces: Any) -> list[bytearray]:
+        """The buffers, once all ``pieces`` (the count the request or reply names) came."""
+        if pieces != self._next or not self.done:
+            raise ExchangeError(
+                f"a chunked value is incomplete: {self._next} piece(s) received of {pieces!r}"
+            )
+        return self._buffers
+
+
+def send_in_pieces(
+    send: Callable[[dict[str, Any], list[Any]], None],
+    data: dict[str, Any],
+    buffers: list[Any],
+    chunk_bytes: int | None,
+) -> None:
+    """``send(data, buffers)`` as one message, or, when a buffer is bigger than
+    ``chunk_bytes``, as its pieces (the first names the buffers' sizes) followed by ``data``
+    naming them (``"chunked"``). Both sides send this way and receive with ``PieceReceiver``."""
+    if not needs_chunks(buffers, chunk_bytes):
+        send(data, buffers)
+        return
+    assert chunk_bytes is not None
+    chunk_id = uuid.uuid4().hex
+    sizes, pieces = split_buffers(buffers, chunk_bytes)
+    for seq, piece in enumerate(pieces):
+        head: dict[str, Any] = {"chunk": chunk_id, "seq": seq}
+        if seq == 0:
+            head["sizes"] = sizes
+        send(head, [piece])
+    send({**data, "chunked": {"id": chunk_id, "pieces": len(pieces)}}, [])
+
+
+class PieceReceiver:
+    """The chunked values one side is receiving, by id (see ``send_in_pieces``)."""
+
+    # Values whose sender vanished half-way are forgotten beyond this many.
+    MAX_OPEN = 16
+
+    def __init__(self) -> None:
+        self._open: dict[str, ChunkAssembler] = {}
+        self._failed: dict[str, str] = {}
+
+    @staticmethod
+    def is_piece(data: Any) -> bool:
+        return isinstance(data, dict) and isinstance(data.get("chunk"), str)
+
+    def piece(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """Take one piece; a bad one fails its value when the value's message comes."""
+        chunk_id = data["chunk"]
+        try:
+            if data.get("seq") == 0:
+                while len(self._open) >= self.MAX_OPEN:
+                    self._open.pop(next(iter(self._open)))
+                self._open[chunk_id] = ChunkAssembler(data.get("sizes"))
+            if chunk_id in self._failed:
+                return
+            assembler = self._open.get(chunk_id)
+            if assembler is None or len(buffers) != 1:
+                raise ExchangeError(f"piece {data.get('seq')!r} of an unknown chunked value")
+            assembler.add(data.get("seq"), buffers[0])
+        except ExchangeError as exc:
+            self._open.pop(chunk_id, None)
+            self._failed[chunk_id] = str(exc)
+            while len(self._failed) > self.MAX_OPEN:
+                self._failed.pop(next(iter(self._failed)))
+
+    def take(self, data: Any, buffers: list[Any]) -> list[Any]:
+        """The buffers of a request or reply: its own, or those its pieces brought."""
+        chunked = data.get("chunked") if isinstance(data, dict) else None
+        if chunked is None:
+            return buffers
+        chunk_id = chunked.get("id") if isinstance(chunked, dict) else None
+        if not isinstance(chunk_id, str):
+            raise ExchangeError(f"invalid chunked value reference {chunked!r}")
+        if chunk_id in self._failed:
+            raise ExchangeError(self._failed.pop(chunk_id))
+        assembler = self._open.pop(chunk_id, None)
+        if assembler is None:
+            raise ExchangeError("a chunked value's pieces never arrived")
+        return list(assembler.buffers(chunked.get("pieces")))

@@ -17,9 +17,12 @@ shared-memory folder): ``exchange.py`` describes them and builds on these two en
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 import pickle
 import reprlib
+import threading
 import traceback as _traceback
 import uuid
 from dataclasses import dataclass
@@ -230,16 +233,39 @@ def describe_value(value: Any) -> str:
 
 def pickle_value(value: Any) -> bytes:
     """cloudpickle, with an error that names the value (its hint: what to send instead)."""
-    import cloudpickle
-
     try:
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return _dumps(value)
     except Exception as exc:
-        where, part = _culprit(value, cloudpickle.dumps)
+        where, part = _culprit(value, _dumps)
         inside = f"; the part that fails is {where}: {describe_value(part)}" if where else ""
         raise SerializationError(
             f"a value cannot be sent to or from a kernel ({exc}): {describe_value(value)}{inside}"
         ) from exc
+
+
+def _dumps(value: Any) -> bytes:
+    buffer = io.BytesIO()
+    _pickler_class()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _pickler_class() -> type:
+    """cloudpickle's pickler, plus one rule: a lock travels as a new, unlocked lock of the
+    same kind. A lock is this process's state, and objects users ship hold them at any
+    depth (BootstrapFewShot's ``error_lock``, inside BetterTogether's optimizers)."""
+    import cloudpickle
+
+    locks = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+    class ShippingPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            factory = locks.get(type(obj))
+            if factory is not None:
+                return factory, ()
+            return super().reducer_override(obj)
+
+    return ShippingPickler
 
 
 def _culprit(value: Any, dumps: Any, path: str = "", depth: int = 0) -> tuple[str, Any]:

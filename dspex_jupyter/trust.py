@@ -216,8 +216,13 @@ def references(spec: dict[str, Any]) -> list[str]:
             lines.append(f"{part}: {entry.get('kind')} {entry.get('class', '')}".rstrip())
         else:
             lines.append(f"{part}: defined in a notebook (not stored; resume needs it passed)")
-    for part in ("task_lm", "prompt_lm"):
-        entry = spec.get(part)
+    record = spec.get("teleprompter")
+    if isinstance(record, dict):  # a dspex.compile run: its optimizer is rebuilt by class
+        lines.append(f"teleprompter: {record.get('class')}")
+    lms = spec.get("lms") if isinstance(spec.get("lms"), dict) else {}
+    for part, entry in [("task_lm", spec.get("task_lm")), ("prompt_lm", spec.get("prompt_lm"))] + [
+        (f"lm {name}", value) for name, value in lms.items()
+    ]:
         if isinstance(entry, dict):
             state = entry.get("state") or {}
             engine = state.get("engine") if isinstance(state.get("engine"), dict) else {}

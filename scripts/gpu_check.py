@@ -445,9 +445,10 @@ def kernel_source(args: argparse.Namespace) -> dict[str, str]:
     return {"env": ENV_NAME}
 
 
-def progress_line(line: str) -> None:
-    if line.startswith(("Collecting", "Successfully", "ERROR", "created", "rebuilt")):
-        print(f"    {line[:150]}", flush=True)
+def progress_line(step: object) -> None:
+    """One line per step of the environment's create or rebuild (an ``EnvStep``)."""
+    if not getattr(step, "update", False):
+        print(f"    {step}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

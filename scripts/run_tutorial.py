@@ -11,7 +11,10 @@ announced as ``[k/N] <its first line>``; what it prints, and the text of what it
 follow as the kernel sends them. The executed notebook is written with its outputs
 (``--output``, or ``--inplace`` to store them in the notebook itself, as nbval compares).
 
-``DSPEX_HOME`` (where environments live) defaults to the repository's ``.dspex-tutorials``.
+The tutorial environments a notebook uses (its ``environment("NAME")`` calls) are prepared
+first, each step on a line of this terminal (in the notebook that would be a progress bar,
+which a terminal cannot show); ``--no-setup`` skips that. ``DSPEX_HOME`` (where
+environments live) defaults to the repository's ``.dspex-tutorials``.
 Exit status: 0 when every cell ran, 1 when one failed (the notebook is still written, up to
 and including the failing cell), 2 for a usage error.
 """
@@ -36,6 +39,8 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # kernel's stderr goes to its log file, not into whichever cell happens to be running.
 KERNEL_ARGUMENTS = ("--IPKernelApp.capture_fd_output=False",)
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+# How a tutorial asks for one of its environments: environment("tut-light").
+ENVIRONMENT_CALL = re.compile(r"""\benvironment\(\s*["']([\w.-]+)["']""")
 
 
 def say(message: str) -> None:
@@ -187,9 +192,26 @@ def run_notebook(notebook: Path, output: Path, timeout: float, kernel: str) -> i
     return status
 
 
+def notebook_environments(notebook: Path) -> list[str]:
+    """The tutorial environments ``notebook``'s code cells ask for, in order."""
+    import nbformat
+
+    sys.path.insert(0, str(NOTEBOOKS))
+    from dspex_tutorials import ENVIRONMENTS  # type: ignore[import-not-found]
+
+    nb = nbformat.read(notebook, as_version=4)
+    found: list[str] = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            for name in ENVIRONMENT_CALL.findall(cell.source):
+                if name in ENVIRONMENTS and name not in found:
+                    found.append(name)
+    return found
+
+
 def setup_environments(names: list[str]) -> int:
     """Create the tutorials' environments that do not exist yet (each one pip call), and
-    rebuild those made with another version of dspex-jupyter's runtime."""
+    refresh the runtime of those made with another version of dspex-jupyter."""
     sys.path.insert(0, str(NOTEBOOKS))
     from dspex_tutorials import ENVIRONMENTS, ensure_environment  # type: ignore[import-not-found]
 
@@ -226,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kernel", default="python3", help="kernelspec (default python3)")
     parser.add_argument(
+        "--no-setup", action="store_true", help="do not prepare the notebook's environments first"
+    )
+    parser.add_argument(
         "--setup-envs",
         nargs="*",
         metavar="NAME",
@@ -246,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         output = args.output.resolve()
     else:
         output = REPO / "build" / f"{notebook.stem}.executed.ipynb"
+    names = [] if args.no_setup else notebook_environments(notebook)
+    if names and setup_environments(names) != 0:
+        return 1
     return run_notebook(notebook, output, args.timeout, args.kernel)
 
 

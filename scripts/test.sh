@@ -9,7 +9,7 @@ bash scripts/browser_setup.sh
 .venv/bin/ruff format --check .
 # The tutorials (notebooks/) run in environments of their own, kept in .dspex-tutorials: made
 # the first time (about 2 minutes: torch and an embedding model for the retrieval tutorial),
-# rebuilt when dspex-jupyter's runtime changed, reused otherwise.
+# their dspex runtime refreshed when dspex-jupyter changed, reused otherwise.
 tutorials_home=$PWD/.dspex-tutorials
 if [ "${DSPEX_SKIP_TUTORIALS:-0}" != 1 ]; then
   echo "test.sh: preparing the tutorials' environments in $tutorials_home" >&2

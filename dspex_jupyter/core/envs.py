@@ -16,6 +16,13 @@ left by a create that died, and is reported as broken. A failed create removes i
 folder itself. Removal first renames the folder to a hidden trash name, so a removal cut
 short never leaves something that looks like an environment.
 
+Progress: a create or rebuild reports each of its steps (runtime wheel, virtual
+environment, packages, kernelspec, lock file) to a callback as an ``EnvStep``, whose text is
+one line for a person. By default that is a progress bar widget in a notebook and one line
+per step on stderr elsewhere. What the subprocesses print (pip's output above all) goes to
+``ENV/dspex-install.log`` (0600), not to the screen; after a failure the log is kept in
+``envs/.logs/NAME.log``, which the error names.
+
 POSIX only (``fcntl``), like the rest of the kernel-pool machinery.
 """
 
@@ -32,12 +39,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -58,12 +66,182 @@ RUNTIME_DEPENDENCIES = (
     "psutil>=5.9",
     "cloudpickle>=3.0",
 )
-_TAIL_LINES = 20
+INSTALL_LOG = "dspex-install.log"
+FAILED_LOGS = ".logs"  # under envs/: hidden, so never taken for an environment
+_TAIL_LINES = 12
 _DIR_MODE = 0o700
 # Variables that would let an environment's Python see packages outside it.
 _LEAKY_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__")
 
-Progress = Callable[[str], None]
+
+# --------------------------------------------------------------------------------------
+# Progress
+
+# The steps of a create or rebuild, in order, with what a person reads for each.
+STEPS = {
+    "runtime": "dspex runtime wheel",
+    "venv": "virtual environment",
+    "packages": "installing packages",
+    "kernelspec": "registering the kernelspec",
+    "lock": "recording the lock file",
+}
+
+
+@dataclass(frozen=True)
+class EnvStep:
+    """One progress report of a create or rebuild.
+
+    ``step`` is a key of ``STEPS``, or "done" / "failed" at the end; ``update`` is True for
+    a new count within the same step (pip collected another package), so a terminal
+    prints one line per step and a widget moves its text."""
+
+    env: str
+    action: str  # "create" or "rebuild"
+    step: str
+    index: int  # 1..total for a step; total at the end
+    total: int
+    text: str
+    count: int | None = None
+    update: bool = False
+
+    def __str__(self) -> str:
+        if self.step in STEPS:
+            return f"[{self.index}/{self.total}] {self.text}"
+        return self.text
+
+
+Progress = Callable[[EnvStep], None]
+ProgressArg = Progress | Literal["auto"] | None
+
+
+class TerminalProgress:
+    """One line per step on a stream (stderr); on a terminal, a step's counts rewrite
+    its line in place. A failure prints nothing: the error that follows says it all."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self._open_line = False
+
+    def __call__(self, step: EnvStep) -> None:
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        if step.update:
+            if tty:
+                self.stream.write(f"\r\x1b[K{step}")
+                self.stream.flush()
+                self._open_line = True
+            return
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
+        if step.step != "failed":
+            self.stream.write(f"{step}\n")
+        self.stream.flush()
+
+
+def _auto_progress() -> Progress:
+    """A progress bar widget in a Jupyter kernel (when ipywidgets is installed), else one
+    line per step on stderr. The widget lives in notebook/; it is imported only here, and
+    only inside a kernel, so core keeps working without ipywidgets."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None and getattr(shell, "kernel", None) is not None:
+            from ..notebook.env_progress import EnvProgressBar
+
+            return EnvProgressBar.shown()
+    except ImportError:
+        pass
+    return TerminalProgress()
+
+
+class _Steps:
+    """Reports one create's or rebuild's steps, and keeps its subprocesses' log."""
+
+    def __init__(self, name: str, action: str, progress: ProgressArg) -> None:
+        self.name, self.action = name, action
+        self.progress = _auto_progress() if progress == "auto" else progress
+        self.started = time.monotonic()
+        self.step = ""
+        self.log: IO[str] | None = None
+        self.log_path: Path | None = None
+
+    def _emit(self, step: str, index: int, text: str, **extra: Any) -> None:
+        if self.progress is not None:
+            self.progress(EnvStep(self.name, self.action, step, index, len(STEPS), text, **extra))
+
+    def begin(self, step: str, detail: str = "") -> None:
+        self.step = step
+        text = f"{STEPS[step]} ({detail})" if detail else STEPS[step]
+        self._emit(step, list(STEPS).index(step) + 1, text)
+
+    def update(self, detail: str, count: int | None = None) -> None:
+        """A new count or detail within the current step."""
+        index = list(STEPS).index(self.step) + 1
+        self._emit(self.step, index, f"{STEPS[self.step]}: {detail}", count=count, update=True)
+
+    def finish(self, text: str) -> None:
+        self._emit("done", len(STEPS), f"{text} in {time.monotonic() - self.started:.0f} s")
+
+    def fail(self, exc: BaseException) -> None:
+        first = str(exc.args[0]).splitlines()[0] if exc.args else type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):
+            first = "interrupted"
+        self._emit("failed", list(STEPS).index(self.step) + 1 if self.step else 1, first)
+
+    def open_log(self, path: Path) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.log = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+        self.log_path = path
+
+    def close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def keep_failed_log(self, home: Path) -> Path | None:
+        """Move the log out of an environment folder about to be removed; its new path."""
+        self.close_log()
+        if self.log_path is None or not self.log_path.exists():
+            return None
+        kept = _ensure_dir(envs_dir(home) / FAILED_LOGS) / f"{self.name}.log"
+        os.replace(self.log_path, kept)
+        self.log_path = kept
+        return kept
+
+    def run(
+        self,
+        argv: Sequence[str | Path],
+        what: str,
+        *,
+        hint: str = "",
+        on_line: Callable[[str], None] | None = None,
+        rewrite: Callable[[str], str] | None = None,
+    ) -> str:
+        return _run(argv, what, hint=hint, log=self.log, on_line=on_line, rewrite=rewrite)
+
+
+class _PipCounter:
+    """Counts what pip (or uv) reports while installing, for the packages step's text."""
+
+    COLLECTING = re.compile(r"^(Collecting|Processing|Requirement already satisfied:) ")
+    INSTALLING = re.compile(r"^Installing collected packages: (.+)$")
+    UV_COUNT = re.compile(r"^\s*(Resolved|Prepared|Installed) (\d+) packages?")
+
+    def __init__(self, steps: _Steps) -> None:
+        self.steps = steps
+        self.collected = 0
+
+    def __call__(self, line: str) -> None:
+        if self.COLLECTING.match(line):
+            self.collected += 1
+            self.steps.update(f"{self.collected} collected", self.collected)
+        elif match := self.INSTALLING.match(line):
+            count = len(match.group(1).split(","))
+            self.steps.update(f"installing {count} packages", count)
+        elif match := self.UV_COUNT.match(line):
+            count = int(match.group(2))
+            self.steps.update(f"{match.group(1).lower()} {count} packages", count)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,26 +497,28 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _say(progress: Progress | None, line: str) -> None:
-    if progress is not None:
-        progress(line)
-
-
 def _run(
     argv: Sequence[str | Path],
     what: str,
-    progress: Progress | None = None,
     *,
     hint: str = "",
     env: dict[str, str] | None = None,
+    log: IO[str] | None = None,
+    on_line: Callable[[str], None] | None = None,
+    rewrite: Callable[[str], str] | None = None,
 ) -> str:
-    """Run a command, streaming its output lines to ``progress``; return all output.
+    """Run a command; its output lines go to ``log`` (after ``rewrite``) and
+    ``on_line``; return all output.
 
-    On failure raise EnvError with the command and the tail of its output.
+    On failure raise EnvError with the command and the tail of its output (the whole of
+    it is in the log, which the caller names).
     """
     cmd = [str(a) for a in argv]
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    if log is not None:
+        log.write(f"$ {_quote(cmd)}\n")
+        log.flush()
     try:
         proc = subprocess.Popen(
             cmd,
@@ -355,9 +535,15 @@ def _run(
     with proc:
         for raw in proc.stdout:
             line = raw.rstrip("\n")
+            if rewrite is not None:
+                line = rewrite(line)
             lines.append(line)
             tail.append(line)
-            _say(progress, line)
+            if log is not None:
+                log.write(line + "\n")
+                log.flush()
+            if on_line is not None:
+                on_line(line)
     if proc.returncode != 0:
         shown = "\n".join(f"    {line}" for line in tail) or "    (no output)"
         raise EnvError(
@@ -541,7 +727,7 @@ def _cached_wheel(folder: Path) -> Path | None:
     return wheels[0] if len(wheels) == 1 else None
 
 
-def runtime_wheel(home: Path | None = None, progress: Progress | None = None) -> Path:
+def runtime_wheel(home: Path | None = None, progress: Callable[[str], None] | None = None) -> Path:
     """A wheel of the dspex_jupyter package this Python imports, for environments.
 
     Built from the installed package's files (editable or not) so an environment's kernels
@@ -574,12 +760,12 @@ def runtime_wheel(home: Path | None = None, progress: Progress | None = None) ->
                 return wheel
             (build / "pyproject.toml").write_text(pyproject, encoding="utf-8")
             out = Path(tmp) / "wheel"
-            _say(progress, f"building the dspex-jupyter runtime wheel ({key})")
+            if progress is not None:
+                progress(f"building it ({key})")
             _run(
                 [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-input",
                  "--progress-bar", "off", "-w", out, build],
                 "building the dspex-jupyter runtime wheel",
-                progress,
                 hint=f"{sys.executable} needs pip, and pip must be able to fetch hatchling "
                 "(check your pip configuration)",
                 env=os.environ.copy(),
@@ -641,24 +827,40 @@ def _installer_cmd(installer: str, env_python: Path) -> list[str]:
     return [str(env_python), "-m", "pip", "install", "--no-input", "--progress-bar", "off"]
 
 
-def _freeze(installer: str, env_python: Path) -> list[str]:
+def _freeze(installer: str, env_python: Path, steps: _Steps) -> list[str]:
     if installer == "uv":
         argv = [_require_uv(), "pip", "freeze", "--exclude-editable", "--python", str(env_python)]
     else:
         argv = [str(env_python), "-m", "pip", "freeze", "--exclude-editable"]
-    out = _run(argv, "recording the installed packages (pip freeze)")
+    out = steps.run(argv, "recording the installed packages (pip freeze)")
     return [line for line in out.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _install_kernelspec(name: str, env_python: Path, home: Path, progress: Progress | None) -> None:
+def _kernelspec_note(home: Path) -> Callable[[str], str]:
+    """ipykernel warns that a kernelspec under ``--prefix`` "may not be found", since the
+    prefix is not on Jupyter's own path. That is on purpose here (dspex reads its private
+    folder itself), so the log says so instead of repeating the warning."""
+
+    def rewrite(line: str) -> str:
+        if "may not be found" in line:
+            return (
+                f"(ipykernel's note that {home} is not on Jupyter's kernel path is expected: "
+                f"dspex finds its kernelspecs in {kernels_dir(home)})"
+            )
+        return line
+
+    return rewrite
+
+
+def _install_kernelspec(name: str, env_python: Path, home: Path, steps: _Steps) -> None:
     kernel = env_kernel_name(name)
     _ensure_dir(kernels_dir(home))
-    _run(
+    steps.run(
         [env_python, "-m", "ipykernel", "install", "--prefix", home,
          "--name", kernel, "--display-name", f"dspex: {name}"],
         "registering the kernelspec",
-        progress,
         hint="the environment's ipykernel may be broken; remove and recreate it",
+        rewrite=_kernelspec_note(home),
     )  # fmt: skip
     spec_dir = _kernelspec_dir(name, home)
     spec_file = spec_dir / "kernel.json"
@@ -688,11 +890,13 @@ def _build(
     interpreter: tuple[str, dict[str, Any]],
     installer: str,
     record: dict[str, Any],
-    progress: Progress | None,
+    steps: _Steps,
 ) -> Environment:
     """Make the environment at its final path; on any failure remove what was made.
 
-    The caller holds NAME's lock and has checked the folder does not exist.
+    The caller holds NAME's lock and has checked the folder does not exist. The
+    subprocesses' output goes to ``ENV/dspex-install.log``; after a failure that log is
+    moved to ``envs/.logs/NAME.log`` and an EnvError names it.
     """
     path = envs_dir(home) / name
     env_python = _env_python(path)
@@ -700,34 +904,35 @@ def _build(
     path.mkdir(mode=_DIR_MODE)  # fails if another process made it: never build into theirs
     os.chmod(path, _DIR_MODE)
     try:
-        _say(progress, f"creating a virtual environment with Python {info['version']} at {path}")
+        steps.open_log(path / INSTALL_LOG)
+        steps.begin("venv", f"Python {info['version']}")
         if installer == "uv":
-            _run(
+            steps.run(
                 [_require_uv(), "venv", "--python", executable, path],
                 "creating the virtual environment (uv venv)",
-                progress,
             )
         else:
-            _run(
+            steps.run(
                 [executable, "-m", "venv", path],
                 "creating the virtual environment (python -m venv)",
-                progress,
                 hint=f"{executable} needs the venv module (on Debian: apt install python3-venv)",
             )
         os.chmod(path, _DIR_MODE)
-        _say(progress, "installing packages")
+        steps.begin("packages", installer)
         cmd = _installer_cmd(installer, env_python)
-        _run(
+        steps.run(
             [*cmd, *install_args],
             f"installing packages into environment {name!r}",
-            progress,
             hint="check the package names and versions, and that your package index "
             "(pip configuration) can serve them",
+            on_line=_PipCounter(steps),
         )
-        lock = _freeze(installer, env_python)
+        steps.begin("kernelspec", env_kernel_name(name))
+        _install_kernelspec(name, env_python, home, steps)
+        steps.begin("lock", LOCK_FILE)
+        lock = _freeze(installer, env_python, steps)
         (path / LOCK_FILE).write_text("\n".join(lock) + "\n", encoding="utf-8")
-        _say(progress, f"registering kernelspec {env_kernel_name(name)}")
-        _install_kernelspec(name, env_python, home, progress)
+        steps.close_log()
         record = {
             **record,
             "format": RECORD_FORMAT,
@@ -746,10 +951,15 @@ def _build(
         }
         # Written last: its presence is what makes the folder a finished environment.
         _write_json_atomic(path / RECORD_FILE, record)
-    except BaseException:
-        _say(progress, f"removing the incomplete environment {path}")
+    except BaseException as exc:
+        kept = steps.keep_failed_log(home)
         _remove_tree(path)
         _remove_tree(_kernelspec_dir(name, home))
+        if isinstance(exc, EnvError) and kept is not None:
+            raise EnvError(
+                f"{exc.args[0]}\n  the whole output: {kept}",
+                hint=f"{exc.hint}; the whole output is in {kept}",
+            ) from None
         raise
     return get_environment(name, home)
 
@@ -761,12 +971,14 @@ def create_environment(
     python: str | None = None,
     installer: str = "pip",
     home: Path | None = None,
-    progress: Progress | None = None,
+    progress: ProgressArg = "auto",
 ) -> Environment:
     """Create environment NAME with ipykernel, the dspex runtime and ``packages``.
 
     One installer call installs everything, so the resolver sees all constraints at once.
-    A failed create leaves nothing behind.
+    A failed create leaves nothing behind but its log (named in the error). ``progress``
+    gets each step as an ``EnvStep``: "auto" shows a progress bar in a notebook and one
+    line per step on stderr elsewhere; None shows nothing.
     """
     check_name("environment", name)
     if installer not in INSTALLERS:
@@ -800,29 +1012,49 @@ def create_environment(
         interpreter = _interpreter(python)
         if installer == "uv":
             _require_uv()
-        wheel = runtime_wheel(home, progress)
-        install_args = ["ipykernel", str(wheel), *packages]
-        if requirements_record is not None:
-            install_args += ["-r", requirements_record["file"]]
-        record = {
-            "created": _now(),
-            "dspex_jupyter_version": _dspex_version(),
-            "packages": packages,
-            "requirements": requirements_record,
-            "runtime_wheel": {"file": wheel.name, "sha256": _file_sha256(wheel)},
-        }
-        env = _build(
-            name,
-            home,
-            install_args=install_args,
-            python=python,
-            interpreter=interpreter,
-            installer=installer,
-            record=record,
-            progress=progress,
-        )
-    _say(progress, f"created environment {name!r} (kernel {env.kernel_name})")
+        steps = _Steps(name, "create", progress)
+        try:
+            env = _create(name, home, packages, requirements_record, python, interpreter,
+                          installer, steps)  # fmt: skip
+        except BaseException as exc:
+            steps.fail(exc)
+            raise
+    steps.finish(f"created environment {name!r} ({len(env.record.get('lock', []))} packages)")
     return env
+
+
+def _create(
+    name: str,
+    home: Path,
+    packages: list[str],
+    requirements_record: dict[str, Any] | None,
+    python: str | None,
+    interpreter: tuple[str, dict[str, Any]],
+    installer: str,
+    steps: _Steps,
+) -> Environment:
+    steps.begin("runtime")
+    wheel = runtime_wheel(home, steps.update)
+    install_args = ["ipykernel", str(wheel), *packages]
+    if requirements_record is not None:
+        install_args += ["-r", requirements_record["file"]]
+    record = {
+        "created": _now(),
+        "dspex_jupyter_version": _dspex_version(),
+        "packages": packages,
+        "requirements": requirements_record,
+        "runtime_wheel": {"file": wheel.name, "sha256": _file_sha256(wheel)},
+    }
+    return _build(
+        name,
+        home,
+        install_args=install_args,
+        python=python,
+        interpreter=interpreter,
+        installer=installer,
+        record=record,
+        steps=steps,
+    )
 
 
 def _dspex_version() -> str:
@@ -877,11 +1109,12 @@ def _lock_with_wheel(lock: Sequence[str], wheel: Path) -> list[str]:
 
 
 def rebuild_environment(
-    name: str, home: Path | None = None, progress: Progress | None = None
+    name: str, home: Path | None = None, progress: ProgressArg = "auto"
 ) -> Environment:
     """Recreate environment NAME from its lock (exact versions), with the current runtime.
 
-    The old environment is moved aside and restored if the rebuild fails.
+    The old environment is moved aside and restored if the rebuild fails. ``progress`` as
+    for ``create_environment``.
     """
     check_name("environment", name)
     home = _as_home(home)
@@ -903,7 +1136,13 @@ def rebuild_environment(
         interpreter = _interpreter(python)
         if installer == "uv":
             _require_uv()
-        wheel = runtime_wheel(home, progress)
+        steps = _Steps(name, "rebuild", progress)
+        try:
+            steps.begin("runtime")
+            wheel = runtime_wheel(home, steps.update)
+        except BaseException as exc:
+            steps.fail(exc)
+            raise
         aside = path.with_name(f".rebuild-{name}-{uuid.uuid4().hex[:8]}")
         spec_dir = _kernelspec_dir(name, home)
         spec_aside = aside.with_name(aside.name + ".kernelspec")
@@ -931,10 +1170,10 @@ def rebuild_environment(
                 interpreter=interpreter,
                 installer=installer,
                 record=record,
-                progress=progress,
+                steps=steps,
             )
-        except BaseException:
-            _say(progress, f"rebuild failed; restoring the previous environment {name!r}")
+        except BaseException as exc:
+            steps.fail(exc)
             _remove_tree(path)
             os.replace(aside, path)
             if spec_aside.exists():
@@ -943,7 +1182,7 @@ def rebuild_environment(
             raise
         shutil.rmtree(aside, ignore_errors=True)
         _remove_tree(spec_aside)
-    _say(progress, f"rebuilt environment {name!r}")
+    steps.finish(f"rebuilt environment {name!r} ({len(env.record.get('lock', []))} packages)")
     return env
 
 
@@ -962,3 +1201,53 @@ def _rebuild_python(record: dict[str, Any]) -> str:
         "the environment's record does not say which Python it used",
         hint="remove it and create it again with --python",
     )
+
+
+def refresh_runtime(
+    name: str, home: Path | None = None, progress: ProgressArg = "auto"
+) -> Environment:
+    """Install this dspex-jupyter's runtime into environment NAME, in place, and record it.
+
+    What ``rebuild_environment`` does when only the runtime changed, in seconds instead of
+    minutes: the other packages stay as they are (a rebuild reinstalls every one of them
+    from the lock, which is what to do when those changed). A failure leaves the old
+    runtime uninstalled at worst; its error names the log, and a rebuild repairs it.
+    """
+    env = get_environment(name, home)
+    home = _as_home(home)
+    with _env_lock(name, home, "refresh"):
+        steps = _Steps(name, "refresh", progress)
+        try:
+            steps.begin("runtime")
+            wheel = runtime_wheel(home, steps.update)
+            steps.open_log(env.path / INSTALL_LOG)
+            steps.begin("packages", "the dspex runtime only")
+            pip = [*_installer_cmd(str(env.record.get("installer", "pip")), env.python)]
+            hint = f"rebuild it: dspex env rebuild {name}"
+            steps.run([*pip, "--force-reinstall", "--no-deps", wheel], "installing the runtime",
+                      hint=hint)  # fmt: skip
+            # Its dependencies, should the new runtime need more than the old one did.
+            steps.run([*pip, wheel], "installing the runtime's dependencies", hint=hint)
+            steps.begin("lock", LOCK_FILE)
+            lock = _freeze(str(env.record.get("installer", "pip")), env.python, steps)
+            (env.path / LOCK_FILE).write_text("\n".join(lock) + "\n", encoding="utf-8")
+            steps.close_log()
+            record = {
+                **env.record,
+                "lock": lock,
+                "refreshed": _now(),
+                "dspex_jupyter_version": _dspex_version(),
+                "runtime_wheel": {"file": wheel.name, "sha256": _file_sha256(wheel)},
+            }
+            _write_json_atomic(env.record_file, record)
+        except BaseException as exc:
+            steps.close_log()
+            steps.fail(exc)
+            if isinstance(exc, EnvError) and steps.log_path is not None:
+                raise EnvError(
+                    f"{exc.args[0]}\n  the whole output: {steps.log_path}",
+                    hint=f"{exc.hint}; the whole output is in {steps.log_path}",
+                ) from None
+            raise
+    steps.finish(f"refreshed the dspex runtime of environment {name!r}")
+    return get_environment(name, home)

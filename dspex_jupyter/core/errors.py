@@ -531,3 +531,102 @@ LM_FAILURE_TABLE: dict[str, LMFailureRow] = {
         "pool {pool!r} ({env_var}) has access to it",
     ),
 }
+
+
+# ---- run history and export (core/history.py, optimizers/export.py) ---------------------
+class HistoryError(DspexError):
+    """The run history database ($DSPEX_HOME/runs.sqlite3) cannot be read or written."""
+
+    hint = (
+        "the message names the file; move a damaged one aside (dspex starts a new history), "
+        "or upgrade dspex-jupyter if a newer version wrote it"
+    )
+
+
+class RunNotFound(HistoryError, LookupError):
+    """No run of that id in the run history."""
+
+    hint = "`dspex runs` (or `%dspex runs --all`) lists the recorded runs and their ids"
+
+
+class NoBestProgram(HistoryError):
+    """The run has no best program to load: it has not completed."""
+
+    hint = "load a completed run (`dspex runs --status completed`), or resume this one first"
+
+
+class RunNotFinished(DspexError):
+    """The run is still going: there is nothing final to export yet."""
+
+    hint = "wait for it (run.result()) or cancel it (run.cancel()), then export it"
+
+
+class OptionalDependencyMissing(DspexError, ImportError):
+    """A feature needs a package of an optional extra that is not installed."""
+
+    hint = "install the extra the message names, e.g. pip install 'dspex-jupyter[mlflow]'"
+
+
+# ---- remote kernelspecs (core/kernelspecs.py, `dspex kernelspec`) -------------------------
+class KernelspecError(DspexError, ValueError):
+    """A remote kernelspec cannot be written as asked: bad hosts, image, name or option."""
+
+    hint = "see `dspex kernelspec ssh|k8s|docker --help` and README's Kernels on a cluster"
+
+
+# ---- optimizer options a run cannot honour (runtime/gepa.py) -----------------------------
+class UnsupportedOptimizerOption(DspexError, ValueError):
+    """An optimizer option conflicts with running it in a pool (e.g. GEPA's pickling log_dir)."""
+
+    hint = "drop the option the message names; dspex checkpoints runs as JSON in checkpoint_dir"
+
+
+class RemoteUnsupportedOptimizerOption(RemoteError, UnsupportedOptimizerOption):
+    """The same, raised by a run's optimizer in its pool kernel."""
+
+    hint = UnsupportedOptimizerOption.hint
+
+
+CLASSIFICATION_TABLE += (
+    Classification(
+        RemoteUnsupportedOptimizerOption, ("dspex_jupyter.core.errors.UnsupportedOptimizerOption",)
+    ),
+)
+
+
+# ---- any optimizer through one run machinery (runtime/runs.py, optimizers/runs.py) -------
+class InvalidTeleprompter(DspexError, TypeError):
+    """What was given to ``dspex.compile`` is not a DSPy optimizer (a ``Teleprompter``)."""
+
+    hint = (
+        "pass a DSPy optimizer object, e.g. dspex.compile(dspy.GEPA(metric=..., auto='light', "
+        "reflection_lm=lm), program, trainset=..., pool=...)"
+    )
+
+
+# The run machinery's own stops moved from runtime/mipro.py to runtime/runs.py.
+CLASSIFICATION_TABLE += (
+    Classification(OptimizationDiverged, ("dspex_jupyter.runtime.runs.OptimizationDiverged",)),
+    Classification(BudgetExceeded, ("dspex_jupyter.runtime.runs.BudgetExceeded",)),
+)
+
+
+# ---- kernels on other machines (core/kernel_source.py) -----------------------------------
+class TransportNotEncrypted(DspexError):
+    """A pool whose kernels run through a provisioner (maybe on another machine) would talk to
+    them unencrypted: dspex refuses unless the pool opts out by name."""
+
+    hint = (
+        "use a kernelspec that declares Curve (`dspex kernelspec ssh|k8s|docker` writes one), or "
+        "opt out by naming the pool: PoolSpec(NAME, ..., allow_unencrypted=NAME)"
+    )
+
+
+class RemoteLaunchFailed(PoolStartError):
+    """A kernel could not be started through its provisioner: the SSH host (or cluster) did
+    not take the launch, or the kernel never sent its connection info back."""
+
+    hint = (
+        "check that the host answers `ssh USER@HOST` with the key in ~/.ssh and a known host "
+        "key, that the remote Python has dspex-jupyter[remote], and the kernel log on the host"
+    )

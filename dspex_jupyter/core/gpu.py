@@ -7,9 +7,12 @@ asked, but only if the notebook already imported it and already initialised CUDA
 only tell used and total per device, not per process); torch is never imported here.
 Without either, ``available`` is False and ``reason`` says why.
 
-    {"available": bool, "source": "nvml" | "torch" | "none", "reason": str,
-     "devices": [{"index": int, "name": str, "used": int, "total": int,
+    {"available": bool, "source": "nvml" | "torch" | "kernel" | "none", "reason": str,
+     "devices": [{"index": int, "name": str, "used": int, "total": int, "host"?: str,
                   "kernels": [{"pid": int, "pool": str, "kernel": str, "used": int}]}]}
+
+Kernels on other machines report their own GPUs (``with_remote_devices``): those devices
+carry ``host``, and their kernels' pids are the pids over there.
 """
 
 from __future__ import annotations
@@ -149,6 +152,54 @@ def gpu_memory(
     return {"available": False, "source": "none", "reason": reason, "devices": []}
 
 
+def remote_devices(health: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """GPUs of other machines, as their kernels report them (``runtime/health.py``: NVML
+    there, not here): one device per host and index, each reporting kernel's share in it.
+    A device carries ``host``, and its name says where it is."""
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for pool in health:
+        for kernel in pool.get("kernels", []):
+            reported = kernel.get("gpu") or {}
+            if kernel.get("figures") != "kernel" or not reported.get("available"):
+                continue
+            host = str(kernel.get("host") or "?")
+            for device in reported.get("devices", []):
+                key = (host, int(device["index"]))
+                entry = found.setdefault(
+                    key,
+                    {
+                        "index": key[1],
+                        "host": host,
+                        "name": f"{device.get('name', '')} on {host}",
+                        "used": 0,
+                        "total": int(device.get("total") or 0),
+                        "kernels": [],
+                    },
+                )
+                entry["used"] = max(entry["used"], int(device.get("used") or 0))
+                entry["kernels"].append(
+                    {
+                        "pid": kernel.get("remote_pid"),
+                        "pool": pool["name"],
+                        "kernel": kernel["id"],
+                        "used": int(device.get("kernel_used") or 0),
+                    }
+                )
+    return [found[key] for key in sorted(found)]
+
+
+def with_remote_devices(
+    state: Mapping[str, Any], health: Iterable[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """This machine's GPU view plus the devices kernels on other machines report."""
+    remote = remote_devices(health)
+    if not remote:
+        return dict(state)
+    if not state.get("available"):
+        return {"available": True, "source": "kernel", "reason": "", "devices": remote}
+    return {**state, "devices": [*state["devices"], *remote]}
+
+
 def merge_gpu_states(states: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """One ``gpu_memory`` view from several taken together (one per manager, each naming
     only its own kernels): the first's devices, with every state's kernel shares."""
@@ -156,11 +207,18 @@ def merge_gpu_states(states: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     if not states:
         return gpu_memory()
     merged = {**states[0], "devices": [dict(d, kernels=[]) for d in states[0]["devices"]]}
-    by_index = {d["index"]: d for d in merged["devices"]}
+    by_index = {(d.get("host"), d["index"]): d for d in merged["devices"]}
+    for state in states[1:]:  # another manager's kernels on another machine's GPU
+        for device in state.get("devices", []):
+            if (device.get("host"), device["index"]) not in by_index:
+                by_index[device.get("host"), device["index"]] = dict(device, kernels=[])
+                merged["devices"].append(by_index[device.get("host"), device["index"]])
+                merged["available"] = True
     for state in states:
         for device in state.get("devices", []):
-            if device["index"] in by_index:
-                by_index[device["index"]]["kernels"].extend(device.get("kernels", []))
+            by_index[device.get("host"), device["index"]]["kernels"].extend(
+                device.get("kernels", [])
+            )
     for device in merged["devices"]:
         device["kernels"].sort(key=lambda s: s["kernel"])
     return merged

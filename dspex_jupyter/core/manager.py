@@ -21,7 +21,7 @@ from typing import Any
 from ..exchange import ExchangeConfig
 from .errors import InvalidSpec, PoolNotFound
 from .exchange_dirs import ExchangeArea
-from .gpu import gpu_memory, kernel_refs
+from .gpu import gpu_memory, kernel_refs, with_remote_devices
 from .launch import resolve_source
 from .lifecycle import model_cache_sizes, restore, save_manifest
 from .loop import LoopThread
@@ -133,6 +133,7 @@ class PoolManager:
         for (name, _), size in zip(running, await self._model_caches(running), strict=True):
             pools[name]["model_cache"] = size
         gpu = await self._runner.offload(gpu_memory, kernel_refs(pools.values()))
+        gpu = with_remote_devices(gpu, pools.values())
         return {
             "pools": pools,
             "gpu": gpu,

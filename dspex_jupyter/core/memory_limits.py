@@ -10,6 +10,12 @@
   every 0.5 s while far below the limit and every 50 ms above 80 % of it (the tree itself
   is looked up every 2 s, and at every check near the limit).
 
+- ``KernelReportedWatch``: a kernel that is not on this machine (another provisioner: SSH,
+  Kubernetes, Docker) is measured by itself: its runtime streams the RSS of its process tree
+  (``runtime/health.py``), every 0.5 s and every 50 ms above 80 % of the limit, also while it
+  runs a call; each figure is compared with the limit as it arrives. The other two hand such
+  kernels to it (``kernel_figures.reports_figures`` says which they are).
+
 ``memory_limits()`` picks one; ``DSPEX_MEMORY_LIMITS=cgroup|proc`` forces it (the tests run
 both). Either way a breach calls ``on_breach`` and the pool stops the kernel, whose caller
 gets ``MemoryLimitExceeded``. cgroup v2 (``memory.max``, via a delegated subtree or
@@ -29,8 +35,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..runtime import proc_tree
+from . import kernel_figures
 from .errors import MemoryLimitsUnavailable
 
 if TYPE_CHECKING:
@@ -55,7 +63,6 @@ DESCENDANTS_REFRESH_S = 2.0
 # many times.
 REMOVE_RETRY_S = 0.1
 REMOVE_TRIES = 50
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Put before a local kernel's command: join the cgroup ($0), then become the kernel.
 _JOIN_SCRIPT = 'echo $$ > "$0"; exec "$@"'
 logger = logging.getLogger("dspex_jupyter.memory")
@@ -101,52 +108,6 @@ class MemoryLimits(ABC):
 
 
 # ---- the /proc watch ----------------------------------------------------------------
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE_SIZE
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _children_files_exist() -> bool:
-    return os.path.exists(f"/proc/self/task/{os.getpid()}/children")
-
-
-def _direct_children(pid: int) -> list[int] | None:
-    """Children of every thread of ``pid``; None where the kernel does not tell."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    found: list[int] = []
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
-                found.extend(int(c) for c in fh.read().split())
-        except FileNotFoundError:
-            return None
-        except OSError:
-            continue
-    return found
-
-
-def _parents() -> dict[int, list[int]]:
-    """Parent pid -> child pids, from one scan of /proc."""
-    tree: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                stat = fh.read()
-            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        tree.setdefault(ppid, []).append(int(name))
-    return tree
-
-
 class _Descendants:
     """Finds a process's descendants: from /proc children files where the kernel has them,
     else from a /proc scan shared by every kernel. Either costs far more than reading RSS
@@ -155,7 +116,7 @@ class _Descendants:
     limit): a new subprocess counts within that time."""
 
     def __init__(self) -> None:
-        self._use_children_files = _children_files_exist()
+        self._use_children_files = proc_tree.has_children_files()
         self._tree: dict[int, list[int]] = {}
         self._tree_at = -DESCENDANTS_REFRESH_S
         self._known: dict[int, tuple[float, list[int]]] = {}  # pid: (when, descendants)
@@ -166,10 +127,10 @@ class _Descendants:
         if known is not None and not fresh and now - known[0] < DESCENDANTS_REFRESH_S:
             return known[1]
         if self._use_children_files:
-            found = self._walk(pid, _direct_children)
+            found = self._walk(pid, proc_tree.thread_children)
         else:
             if now - self._tree_at >= DESCENDANTS_REFRESH_S:
-                self._tree, self._tree_at = _parents(), now
+                self._tree, self._tree_at = proc_tree.children_by_scan(), now
             found = self._walk(pid, lambda p: self._tree.get(p, []))
         self._known[pid] = (now, found)
         return found
@@ -194,7 +155,9 @@ def process_tree_rss(
     if pid is None:
         return 0
     descendants = descendants or _Descendants()
-    return _rss(pid) + sum(_rss(child) for child in descendants.of(pid, fresh))
+    return proc_tree.statm_rss(pid) + sum(
+        proc_tree.statm_rss(child) for child in descendants.of(pid, fresh)
+    )
 
 
 class ProcWatch(MemoryLimits):
@@ -209,15 +172,17 @@ class ProcWatch(MemoryLimits):
         self._due: dict[KernelWorker, tuple[float, bool]] = {}  # (when, near the limit)
         self._timer: asyncio.TimerHandle | None = None
         self._descendants = _Descendants()
+        self._reported = KernelReportedWatch(limit, on_breach, on_warning)
 
     def watch(self, worker: KernelWorker) -> None:
-        if worker.pid is None:
-            logger.warning("kernel %s is not local: its max_memory is not enforced", worker.id)
+        if kernel_figures.reports_figures(worker) or worker.pid is None:
+            self._reported.watch(worker)
             return
         self._check(worker, near=True)
         self._reschedule()
 
     def unwatch(self, worker: KernelWorker) -> None:
+        self._reported.unwatch(worker)
         self._due.pop(worker, None)
         self._warned.discard(worker)
         self._descendants.forget(worker.pid)
@@ -226,7 +191,12 @@ class ProcWatch(MemoryLimits):
             self._timer = None
 
     def usage(self, worker: KernelWorker) -> int:
+        if self._reported.watches(worker):
+            return self._reported.usage(worker)
         return process_tree_rss(worker.pid, self._descendants)
+
+    def breach_at_death(self, worker: KernelWorker) -> int | None:
+        return self._reported.breach_at_death(worker)
 
     def _check(self, worker: KernelWorker, near: bool) -> None:
         self._due.pop(worker, None)
@@ -259,6 +229,48 @@ class ProcWatch(MemoryLimits):
                 return
             self._timer.cancel()
         self._timer = loop.call_later(max(0.0, when - time.monotonic()), self._tick)
+
+
+# ---- figures the kernel reports --------------------------------------------------------
+class KernelReportedWatch(MemoryLimits):
+    """For kernels not on this machine: each figure the kernel streams about its own process
+    tree is compared with the limit as it arrives (``core/kernel_figures.py``). A breach
+    stops the kernel through its provisioner, as the /proc watch does for a local one."""
+
+    kind = "kernel"
+
+    def __init__(self, limit: int, on_breach: Callback, on_warning: Callback) -> None:
+        super().__init__(limit, on_breach, on_warning)
+        self._used: dict[KernelWorker, int] = {}
+
+    def watches(self, worker: KernelWorker) -> bool:
+        return worker in self._used
+
+    def watch(self, worker: KernelWorker) -> None:
+        self._used[worker] = 0
+        kernel_figures.follow(worker, limit=self.limit, listener=self._on_figures)
+
+    def unwatch(self, worker: KernelWorker) -> None:
+        kernel_figures.unfollow(worker, self._on_figures)
+        self._warned.discard(worker)
+        self._used.pop(worker, None)
+
+    def usage(self, worker: KernelWorker) -> int:
+        return self._used.get(worker, 0)
+
+    def breach_at_death(self, worker: KernelWorker) -> int | None:
+        used = self._used.get(worker, 0)
+        return used if used > self.limit else None
+
+    def _on_figures(self, worker: KernelWorker, figures: dict[str, Any]) -> None:
+        if worker not in self._used or worker.state in ("dead", "stopping"):
+            return
+        used = int(figures.get("rss") or 0)
+        self._used[worker] = used
+        if used > self.limit:
+            self._on_breach(worker, used)
+            return
+        self._warn_once(worker, used)
 
 
 # ---- cgroup v1 ------------------------------------------------------------------------
@@ -393,6 +405,9 @@ class CgroupLimits(MemoryLimits):
         worker.when_gone.append(lambda: _remove_cgroup(folder))
 
     def watch(self, worker: KernelWorker) -> None:
+        if kernel_figures.reports_figures(worker):
+            self._fallback.watch(worker)  # measured by the kernel itself
+            return
         group = self._groups.get(worker)
         pid = worker.pid
         if group is None or pid is None or not self._holds(group, pid):
@@ -423,13 +438,15 @@ class CgroupLimits(MemoryLimits):
 
     def usage(self, worker: KernelWorker) -> int:
         group = self._groups.get(worker)
-        if group is None:
+        if group is None or kernel_figures.reports_figures(worker):
             return self._fallback.usage(worker)
         return _read_int(group.folder / "memory.usage_in_bytes")
 
     def breach_at_death(self, worker: KernelWorker) -> int | None:
         group = self._groups.get(worker)
-        if group is None or _oom_kills(group.folder) == 0:
+        if group is None or kernel_figures.reports_figures(worker):
+            return self._fallback.breach_at_death(worker)
+        if _oom_kills(group.folder) == 0:
             return None
         return self._peak(group)
 

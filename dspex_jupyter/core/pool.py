@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import time
 import uuid
 from collections import deque
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import exchange
 from ..protocol import encode_function
+from . import kernel_figures, kernel_source
 from .errors import (
     CallTimeout,
     DspexError,
@@ -35,7 +35,7 @@ from .launch import KernelSource, kernel_environment
 from .loop import LoopThread
 from .memory_limits import MemoryLimits, memory_limits
 from .memory_limits import process_tree_rss as _proc_tree_rss
-from .spec import PoolSpec, format_bytes
+from .spec import PoolSpec, format_bytes, format_limit, format_used
 from .worker import KernelWorker
 
 if TYPE_CHECKING:
@@ -54,12 +54,15 @@ MAX_RESTART_BACKOFF_S = 30.0
 CRASH_LOOP_DEATHS = 3
 CRASH_LOOP_UPTIME_S = 10.0
 # A kernel that is not local (another provisioner) is asked whether it still runs this
-# often: no pidfd can watch a process on another machine.
-PROVISIONER_POLL_INTERVAL_S = 1.0
+# often: no pidfd can watch a process on another machine (core/kernel_source.py).
+PROVISIONER_POLL_INTERVAL_S = kernel_source.PROVISIONER_POLL_INTERVAL_S
 # How long a replacement kernel may take to start.
 REPLACEMENT_START_TIMEOUT_S = 60.0
 # How many kernel events (Pool.kernel_events) are kept.
 KERNEL_EVENTS_KEPT = 1000
+# A health call waits at most this long for the first figures of a kernel on another
+# machine (its feed starts with the first call; a busy kernel answers once free).
+REPORTED_FIGURES_WAIT_S = 1.0
 logger = logging.getLogger("dspex_jupyter.pool")
 
 
@@ -92,7 +95,8 @@ class Pool:
         self._waiters: deque[asyncio.Future[KernelWorker]] = deque()
         self._sessions: dict[str, Session] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._pidfds: dict[KernelWorker, int] = {}
+        # jupyter_client's transport_encryption for this pool's kernels (set at start).
+        self._encryption = "disabled"
         self._closed = False
         self._full = asyncio.Event()
         self.deaths = 0
@@ -146,13 +150,20 @@ class Pool:
     def _on_memory_warning(self, worker: KernelWorker, used: int) -> None:
         limit = self.spec.max_memory_bytes or 0
         message = (
-            f"kernel {worker.id} of pool {self.name!r} uses {format_bytes(used)}, "
-            f"over 90% of its max_memory {format_bytes(limit)}"
+            f"kernel {worker.id} of pool {self.name!r} uses {format_used(used, limit)}, "
+            f"over 90% of its max_memory {format_limit(limit)}"
         )
         self.warnings.append(message)
         logger.warning(message)
 
     async def _start(self, timeout: float) -> None:
+        # Before anything starts: a pool whose kernels would talk unencrypted over a
+        # network refuses here (TransportNotEncrypted), unless it opted out by name.
+        self._encryption = kernel_source.encryption_policy(
+            self.name,
+            self.source.kernel_spec_manager.get_kernel_spec(self.source.kernel_name),
+            self.spec.allow_unencrypted,
+        )
         limit = self.spec.max_memory_bytes
         if limit is not None:
             self._memory = memory_limits(limit, self._on_memory_breach, self._on_memory_warning)
@@ -175,7 +186,9 @@ class Pool:
     def _new_worker(self) -> KernelWorker:
         """A kernel that counts in the pool from now on, while it starts too: the size is
         checked against this count, so a death during a start cannot start one too many."""
-        worker = KernelWorker(self.name, self.source, self._env, self._runtime_dir)
+        worker = KernelWorker(
+            self.name, self.source, self._env, self._runtime_dir, self._encryption
+        )
         self._workers.append(worker)
         if self._memory is not None:
             self._memory.prepare(worker)
@@ -200,6 +213,10 @@ class Pool:
     async def _prepare(self, worker: KernelWorker) -> None:
         """Warm-up imports, then start-up code, before the kernel takes any work."""
         await self._configure_exchange(worker)
+        if not worker.is_local and self.spec.env_vars:
+            # A remote kernel's environment is its host's plus its kernelspec's "env": the
+            # pool's variables (API keys) follow over the encrypted channel.
+            await worker.request("environ", {"variables": dict(self.spec.env_vars)})
         if self.spec.warmup:
             await worker.request("warmup", {"modules": list(self.spec.warmup)})
         if self.spec.startup:
@@ -212,35 +229,14 @@ class Pool:
                 )
 
     def _watch(self, worker: KernelWorker) -> None:
-        """Be told the moment a local kernel exits (a pidfd becomes readable, Linux); any
-        other kernel is asked through its provisioner every PROVISIONER_POLL_INTERVAL_S."""
-        pid = worker.pid
-        fd = -1
-        if pid is not None and hasattr(os, "pidfd_open"):
-            with contextlib.suppress(OSError):
-                fd = os.pidfd_open(pid)
-        if fd >= 0:
-            self._pidfds[worker] = fd
-            asyncio.get_running_loop().add_reader(fd, self._check_local, worker)
-        else:
-            self._spawn(self._poll_worker(worker))
+        """Be told when a kernel dies, as its kernel source sees it: at once through a
+        pidfd for a local kernel; through the provisioner's poll and the heartbeat channel,
+        each every second, for a kernel elsewhere."""
+        assert worker.kernel is not None
+        worker.kernel.watch(lambda code: self._check_worker(worker, code))
         self._kernel_event("launched", worker)
 
-    async def _poll_worker(self, worker: KernelWorker) -> None:
-        interval = 0.1 if worker.is_local else PROVISIONER_POLL_INTERVAL_S
-        while worker.state != "dead" and not self._closed:
-            code = await worker.poll()
-            if code is not None:
-                self._check_worker(worker, code)
-                return
-            await asyncio.sleep(interval)  # poll: no pidfd for this kernel
-
-    def _check_local(self, worker: KernelWorker) -> None:
-        code = worker.poll_local()
-        if code is not None:
-            self._check_worker(worker, code)
-
-    def _check_worker(self, worker: KernelWorker, code: int) -> None:
+    def _check_worker(self, worker: KernelWorker, code: int | None) -> None:
         if worker.state == "dead":
             return
         if worker.state == "stopping" or self._closed:
@@ -251,11 +247,8 @@ class Pool:
     def _unwatch(self, worker: KernelWorker) -> None:
         if self._memory is not None:
             self._memory.unwatch(worker)
-        fd = self._pidfds.pop(worker, None)
-        if fd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
+        if worker.kernel is not None:
+            worker.kernel.unwatch()
 
     async def _configure_exchange(self, worker: KernelWorker) -> None:
         """Give the kernel its private exchange folder; a kernel that cannot see it (not
@@ -263,7 +256,9 @@ class Pool:
         area = self._exchange
         if area is None:
             return
-        folder = area.kernel_folder(self.name, worker.number)
+        # Only a kernel on this machine is offered a folder; one elsewhere might see a
+        # folder of the same name (a shared disk) but never this machine's memory.
+        folder = area.kernel_folder(self.name, worker.number) if worker.is_local else None
         reply, _ = await worker.request("configure_exchange", area.configure_args(folder))
         shared = bool(reply.get("shared_memory"))
         if not shared:
@@ -303,8 +298,8 @@ class Pool:
         if worker.memory_exceeded:
             rss, limit = worker.memory_exceeded
             self.last_error = (
-                f"kernel {worker.id} passed max_memory ({format_bytes(rss)} > "
-                f"{format_bytes(limit)}) and was replaced"
+                f"kernel {worker.id} passed max_memory ({format_used(rss, limit)} > "
+                f"{format_limit(limit)}) and was replaced"
             )
         worker.mark_dead(code)
         self._kernel_event("died", worker)
@@ -655,22 +650,25 @@ class Pool:
         workers = list(self._workers)
         # RSS off the loop: it reads /proc for every process of each kernel's tree.
         sizes = await self._runner.offload(_tree_sizes, [w.pid for w in workers])
+        reported = await self._reported_figures(workers)
         now = time.time()
         kernels = []
         for worker, rss in zip(workers, sizes, strict=True):
-            kernels.append(
-                {
-                    "id": worker.id,
-                    "pid": worker.pid,
-                    "state": worker.state,
-                    "session": worker.session,
-                    "rss": rss,
-                    "rss_text": format_bytes(rss),
-                    "uptime": round(now - worker.started_at, 3) if worker.started_at else 0.0,
-                    "calls_served": worker.calls_served,
-                    "log": str(worker.log_path) if worker.log_path else None,
-                }
-            )
+            row = {
+                "id": worker.id,
+                "pid": worker.pid,
+                "state": worker.state,
+                "session": worker.session,
+                "rss": rss,
+                "rss_text": format_bytes(rss),
+                "uptime": round(now - worker.started_at, 3) if worker.started_at else 0.0,
+                "calls_served": worker.calls_served,
+                "log": str(worker.log_path) if worker.log_path else None,
+                "figures": "local",
+            }
+            if worker in reported:
+                row.update(_reported_row(reported[worker]))
+            kernels.append(row)
         return {
             "name": self.name,
             "source": self.source.description,
@@ -689,6 +687,24 @@ class Pool:
             "backoff_until": self.backoff_until if self.backoff_until > time.time() else None,
             "closed": self._closed,
         }
+
+    async def _reported_figures(
+        self, workers: list[KernelWorker]
+    ) -> dict[KernelWorker, dict[str, Any] | None]:
+        """Figures of the kernels that are not on this machine, from the kernels themselves
+        (a feed each, started here if the memory limit has not; the first health call
+        waits up to REPORTED_FIGURES_WAIT_S for a kernel's first figures)."""
+        remote = [
+            w
+            for w in workers
+            if w.state in ("idle", "busy", "session") and kernel_figures.reports_figures(w)
+        ]
+        for worker in remote:
+            kernel_figures.follow(worker, limit=self.spec.max_memory_bytes)
+        found = await asyncio.gather(
+            *(kernel_figures.first(w, REPORTED_FIGURES_WAIT_S) for w in remote)
+        )
+        return dict(zip(remote, found, strict=True))
 
     async def _shutdown(self, now: bool = False) -> None:
         self._closed = True
@@ -814,6 +830,23 @@ class Pool:
 
 def _tree_sizes(pids: list[int | None]) -> list[int]:
     return [process_tree_rss(pid) for pid in pids]
+
+
+def _reported_row(figures: dict[str, Any] | None) -> dict[str, Any]:
+    """A health row's figures from what a kernel on another machine reported (None: none
+    yet, e.g. a kernel that was busy since its feed started)."""
+    figures = figures or {}
+    rss = figures.get("rss")
+    return {
+        "figures": "kernel",
+        "rss": rss,
+        "rss_text": format_bytes(rss),
+        "host": figures.get("host"),
+        "remote_pid": figures.get("pid"),
+        "cpu_percent": figures.get("cpu_percent"),
+        "gpu": figures.get("gpu"),
+        "reported_at": figures.get("time"),
+    }
 
 
 def _looks_large(values: Iterable[Any], depth: int = 0) -> bool:

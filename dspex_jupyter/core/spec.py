@@ -64,6 +64,33 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def format_used(n: int | None, limit: int | None) -> str:
+    """A size measured against ``limit``, in the same kind of unit the limit reads in:
+    "530.0MB" beside a "512MB" limit, "1.2 GiB" beside a binary one."""
+    text = format_limit(limit) if limit is not None else ""
+    if n is None or not text.endswith(("TB", "GB", "MB", "KB")) or text.endswith("iB"):
+        return format_bytes(n)
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f}B" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return f"{n}B"
+
+
+def format_limit(n: int | None) -> str:
+    """A size limit in the unit it was most likely given in: the largest unit, decimal
+    (``"512MB"``, ``"4GB"``) or binary (``"2GiB"``), that holds it exactly; any other
+    number as ``format_bytes`` writes it. ``parse_memory(format_limit(n)) == n``."""
+    if n is None:
+        return "-"
+    for unit in ("TB", "TiB", "GB", "GiB", "MB", "MiB", "KB", "KiB"):
+        size = _UNITS[unit.upper()]
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return format_bytes(n)
+
+
 @dataclass(frozen=True)
 class PoolSpec:
     """What a pool is: where its kernels come from and how many, with what limits.
@@ -85,6 +112,9 @@ class PoolSpec:
     startup: str = ""
     call_timeout: float | None = None
     recovery: Any = None  # a RecoveryPolicy, or a table of its fields
+    # Kernels through a provisioner other than the local one talk over TCP with CurveZMQ, or
+    # the pool refuses to start; naming the pool here accepts plain TCP (an explicit opt-out).
+    allow_unencrypted: str | None = None
 
     def __post_init__(self) -> None:
         check_name("pool", self.name)
@@ -131,6 +161,12 @@ class PoolSpec:
         object.__setattr__(self, "recovery", RecoveryPolicy.coerce(self.recovery))
         if not isinstance(self.startup, str):
             raise InvalidSpec(f"pool {self.name!r}: startup must be a string of Python code")
+        if self.allow_unencrypted is not None and self.allow_unencrypted != self.name:
+            raise InvalidSpec(
+                f"pool {self.name!r}: allow_unencrypted must be the pool's own name, got "
+                f"{self.allow_unencrypted!r}",
+                hint=f"to accept unencrypted kernel traffic, write allow_unencrypted={self.name!r}",
+            )
 
     def __repr__(self) -> str:
         """The dataclass's repr with ``env_vars`` values masked: they are often API keys,

@@ -9,8 +9,6 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -18,24 +16,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jupyter_client import AsyncKernelManager
-from jupyter_client.provisioning import LocalProvisioner
 from jupyter_client.session import Session as JupyterSession
 
-from .. import protocol
+from .. import exchange, protocol
 from ..exchange import MESSAGE_ONLY, ExchangeConfig
 from .errors import (
+    DspexError,
     KernelDied,
     MemoryLimitExceeded,
     ProtocolMismatch,
     RemoteError,
+    RemoteLaunchFailed,
     RuntimeNotInstalled,
     SessionKernelLost,
+    TransportNotEncrypted,
     Where,
     classify,
 )
+from .kernel_source import RunningKernel, open_kernel
 from .launch import KernelSource
-from .spec import format_bytes
+from .spec import format_limit, format_used
 from .streams import StreamChannel
 
 BOOTSTRAP = (
@@ -48,21 +48,6 @@ OUTPUT_TYPES = frozenset(
 )
 _worker_numbers = itertools.count()
 logger = logging.getLogger("dspex_jupyter.worker")
-
-
-class _KernelManager(AsyncKernelManager):
-    """jupyter_client's kernel manager plus one hook: a command put in front of a LOCAL
-    kernel's command line (``sh -c 'echo $$ > cgroup.procs; exec "$@"'`` joins a memory
-    cgroup before the kernel allocates anything). Other provisioners build their own
-    command, maybe for another machine, and get no prefix."""
-
-    launch_prefix: list[str] = []
-
-    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
-        cmd = super().format_kernel_cmd(extra_arguments)
-        if self.launch_prefix and isinstance(self.provisioner, LocalProvisioner):
-            return [*self.launch_prefix, *cmd]
-        return cmd
 
 
 @dataclass
@@ -78,7 +63,14 @@ class _Execution:
 class KernelWorker:
     """A kernel of a pool, with at most one op running at a time (the pool sees to that)."""
 
-    def __init__(self, pool: str, source: KernelSource, env: dict[str, str], runtime_dir: Path):
+    def __init__(
+        self,
+        pool: str,
+        source: KernelSource,
+        env: dict[str, str],
+        runtime_dir: Path,
+        transport_encryption: str = "disabled",
+    ):
         self.pool = pool
         self.number = next(_worker_numbers)
         self.id = f"{pool}/{self.number}"
@@ -96,7 +88,10 @@ class KernelWorker:
         self.log_path: Path | None = None
         self._env = env
         self._runtime_dir = runtime_dir
-        self._km: AsyncKernelManager | None = None
+        self._transport_encryption = transport_encryption
+        # The kernel itself, wherever it runs (core/kernel_source.py); set by start().
+        self.kernel: RunningKernel | None = None
+        self._km: Any = None
         self._kc: Any = None
         self._jsession: JupyterSession | None = None
         self._comm_id = uuid.uuid4().hex
@@ -107,25 +102,21 @@ class KernelWorker:
         self.dead: asyncio.Future[None] | None = None
         # How values travel to and from this kernel; the pool sets its folder at start.
         self.exchange: ExchangeConfig = MESSAGE_ONLY
+        # Buffers of a message to or from a kernel elsewhere go in pieces of at most this
+        # many bytes (None: whole, for a local kernel, whose big values go through files).
+        self.chunk_bytes: int | None = None
+        self._pieces = exchange.PieceReceiver()
 
     # ---- identity -------------------------------------------------------------------
     @property
-    def _local_process(self) -> subprocess.Popen[bytes] | None:
-        """The kernel's process when it runs here (jupyter_client's local provisioner keeps
-        a Popen); None for a kernel another provisioner runs, maybe on another machine."""
-        provisioner = self._km.provisioner if self._km else None
-        process = getattr(provisioner, "process", None)
-        return process if isinstance(process, subprocess.Popen) else None
-
-    @property
     def pid(self) -> int | None:
         """The kernel's process id on this machine; None when it is not local."""
-        process = self._local_process
-        return process.pid if process is not None else None
+        return self.kernel.pid if self.kernel is not None else None
 
     @property
     def is_local(self) -> bool:
-        return self._local_process is not None
+        """Whether the kernel shares this machine (asked of its kernel source)."""
+        return self.kernel is not None and self.kernel.is_local
 
     @property
     def connection_file(self) -> str:
@@ -146,24 +137,39 @@ class KernelWorker:
         loop = asyncio.get_running_loop()
         self.dead = loop.create_future()
         stem = f"k{self.number}-{self._comm_id[:6]}"
-        self._km = _KernelManager(
-            kernel_spec_manager=self.source.kernel_spec_manager,
-            kernel_name=self.source.kernel_name,
-            transport="ipc",
-            connection_file=str(self._runtime_dir / f"{stem}.json"),
+        self.kernel = open_kernel(
+            self.source.kernel_spec_manager,
+            self.source.kernel_name,
+            self._runtime_dir / f"{stem}.json",
+            transport_encryption=self._transport_encryption,
+            launch_prefix=self.launch_prefix,
         )
-        self._km.launch_prefix = list(self.launch_prefix)
+        self._km = self.kernel.manager
+        if not self.kernel.is_local:
+            self.chunk_bytes = exchange.CHUNK_BYTES
         # The kernel's own stdout/stderr (ipykernel's log lines, C-level prints) go to a
         # private log file, not to the notebook process's stderr, where ipykernel would
         # forward them into whichever cell happens to run.
         self.log_path = self._runtime_dir / f"{stem}.log"
         log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            await self._km.start_kernel(
+            await self.kernel.start(
                 env=self._env, cwd=str(Path.cwd()), stdout=log_fd, stderr=log_fd
             )
+        except Exception as exc:
+            if self.kernel.is_local or isinstance(exc, DspexError):
+                raise
+            raise RemoteLaunchFailed(
+                f"kernel {self.id} of pool {self.pool!r} could not be launched by its "
+                f"provisioner ({self.source.description}): {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             os.close(log_fd)  # the kernel process has its own copy
+        if self._transport_encryption == "required" and not self.kernel.encrypted:
+            raise TransportNotEncrypted(
+                f"kernel {self.id} of pool {self.pool!r} came up without CurveZMQ keys in its "
+                "connection info; it was stopped"
+            )
         self.started_at = time.time()
         if on_launch is not None:
             on_launch(self)
@@ -180,7 +186,7 @@ class KernelWorker:
                 hint=f"run {self.source.python} -m ipykernel_launcher to see why it fails",
             )
         ready.result()
-        self._make_sockets_private()
+        self.kernel.after_ready()
         self._readers = [
             asyncio.ensure_future(self._read_iopub()),
             asyncio.ensure_future(self._read_shell()),
@@ -208,26 +214,10 @@ class KernelWorker:
     def launched(self) -> bool:
         return self._km is not None and self._km.has_kernel
 
-    def _make_sockets_private(self) -> None:
-        """zmq creates IPC sockets with the kernel's umask (0755): the 0700 folder already
-        keeps others out; 0600 on the sockets too, so nothing depends on the folder alone."""
-        assert self._km is not None
-        for path in Path(self._km.connection_file).parent.glob(f"{Path(self._km.ip).name}-*"):
-            with contextlib.suppress(OSError):
-                os.chmod(path, 0o600)
-
-    def poll_local(self) -> int | None:
-        """A local kernel's exit code, or None while it runs (a non-blocking waitpid)."""
-        process = self._local_process
-        return process.poll() if process is not None else None
-
     async def poll(self) -> int | None:
         """The exit code, or None while the kernel runs, as its provisioner sees it: the
         one question every provisioner answers, wherever the kernel runs."""
-        provisioner = self._km.provisioner if self._km else None
-        if provisioner is None:
-            return None
-        return await provisioner.poll()
+        return None if self.kernel is None else await self.kernel.poll()
 
     def mark_dead(self, exit_code: int | None) -> None:
         """Called by the pool's monitor: fail everything in flight, never leave it hanging."""
@@ -244,8 +234,8 @@ class KernelWorker:
             rss, limit = self.memory_exceeded
             lost = f"; session {self.session!r} and its state are lost" if self.session else ""
             return MemoryLimitExceeded(
-                f"kernel {self.id} of pool {self.pool!r} used {format_bytes(rss)}, over the "
-                f"pool's max_memory of {format_bytes(limit)}: it was stopped and replaced{lost}",
+                f"kernel {self.id} of pool {self.pool!r} used {format_used(rss, limit)}, over the "
+                f"pool's max_memory of {format_limit(limit)}: it was stopped and replaced{lost}",
                 where=self.where(),
             )
         signal_note = f" (killed by signal {-self.exit_code})" if (self.exit_code or 0) < 0 else ""
@@ -284,22 +274,14 @@ class KernelWorker:
     def kill(self) -> None:
         """SIGKILL the kernel (through its provisioner when it is not local); the pool's
         watcher then replaces it."""
-        if self.state == "dead":
-            return
-        pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            return
-        provisioner = self._km.provisioner if self._km else None
-        if provisioner is not None:
-            task = asyncio.ensure_future(provisioner.kill())
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if self.state != "dead" and self.kernel is not None:
+            self.kernel.kill()
 
     async def interrupt(self) -> None:
-        if self._km is not None and self.state != "dead":
+        """Interrupt the running op, through the provisioner for a kernel elsewhere."""
+        if self.kernel is not None and self.state != "dead":
             with contextlib.suppress(Exception):
-                await self._km.interrupt_kernel()
+                await self.kernel.interrupt()
 
     async def shutdown(self, now: bool = False) -> None:
         """Stop the kernel and remove its connection file and sockets."""
@@ -356,8 +338,13 @@ class KernelWorker:
             asyncio.get_running_loop().create_future()
         )
         self._pending[message["id"]] = future
-        self._send("comm_msg", {"comm_id": self._comm_id, "data": message}, buffers)
+        if self.chunk_bytes:
+            message["chunk_max"] = self.chunk_bytes  # how big the reply's pieces may be
+        exchange.send_in_pieces(self._send_comm, message, buffers or [], self.chunk_bytes)
         return self._reply(future)
+
+    def _send_comm(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        self._send("comm_msg", {"comm_id": self._comm_id, "data": data}, buffers or None)
 
     async def _reply(
         self, future: asyncio.Future[tuple[dict[str, Any], list[Any]]]
@@ -460,14 +447,23 @@ class KernelWorker:
             if content.get("comm_id") != self._comm_id:
                 return
             data = content.get("data") or {}
+            if self._pieces.is_piece(data):
+                self._pieces.piece(data, list(msg["buffers"]))
+                return
             if "stream" in data:
                 channel = self._streams.get(data["stream"])
                 if channel is not None:
                     channel.on_message(data, list(msg["buffers"]))
                 return
             future = self._pending.pop(data.get("id", ""), None)
+            try:
+                buffers = self._pieces.take(data, list(msg["buffers"]))
+            except exchange.ExchangeError as exc:
+                if future is not None and not future.done():
+                    future.set_exception(exc)
+                return
             if future is not None and not future.done():
-                future.set_result((data, list(msg["buffers"])))
+                future.set_result((data, buffers))
             return
         if msg_type == "comm_close" and msg["content"].get("comm_id") == self._comm_id:
             self._fail_all(

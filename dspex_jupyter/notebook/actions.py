@@ -92,8 +92,7 @@ def checkpoint_run(run: OptimizationRun | str, timeout: float = ACTION_TIMEOUT_S
     if run.done:
         raise DspexError(f"run {run.run_id} has finished ({run.status}); nothing to checkpoint")
     path = run.checkpoint(timeout=timeout)
-    trial = run.metrics.get("trials", 0)
-    return f"checkpoint written: {path.name} (trial {trial}, run {run.run_id})"
+    return f"checkpoint written: {path.name} ({trial_text(run)}, run {run.run_id})"
 
 
 def cancel_run(run: OptimizationRun | str, timeout: float = ACTION_TIMEOUT_S) -> str:
@@ -105,7 +104,30 @@ def cancel_run(run: OptimizationRun | str, timeout: float = ACTION_TIMEOUT_S) ->
     if run.status != "cancelled":
         return f"run {run.run_id} ended {run.status} before the cancel took effect"
     where = f"; resumable checkpoint: {path.name}" if path is not None else ""
-    return f"cancelled at trial {run.metrics.get('trials', 0)}{where}"
+    return f"cancelled at {trial_text(run)}{where}"
+
+
+def trials_done(run: OptimizationRun) -> tuple[int, int | None]:
+    """(trials done, num_trials) counted as the dashboard's header counts them ("trial
+    3/8"): MIPROv2's ``num_trials`` counts minibatch trials, and the full evaluations come
+    on top; a run without minibatches counts the full evaluations after the baseline's.
+    A trial evaluated again after a resume counts once."""
+    options = (getattr(run, "spec", None) or {}).get("compile") or {}
+    total = options.get("num_trials")
+    minibatch = bool(options.get("minibatch", True))
+    evaluations = {
+        event.get("number"): event.get("eval", "minibatch")
+        for event in list(run.events)
+        if event.get("kind") == "trial"
+    }
+    full = sum(1 for kind in evaluations.values() if kind == "full")
+    done = len(evaluations) - full if minibatch else max(0, full - 1)
+    return done, total if isinstance(total, int) else None
+
+
+def trial_text(run: OptimizationRun) -> str:
+    """ "trial 3": the k of the dashboard's "trial k/N"."""
+    return f"trial {trials_done(run)[0]}"
 
 
 def _run(run: OptimizationRun | str) -> OptimizationRun:

@@ -16,6 +16,7 @@ import ipywidgets as widgets
 
 from ..core.gpu import kernel_memory_rows
 from ..core.spec import format_bytes
+from . import registry
 from .html_render import html_table, usage_bar
 from .snapshot import SHARED, snapshot
 from .timers import PeriodicRefresh, RefreshedWhileShown
@@ -97,7 +98,17 @@ class GpuMemoryWidget(RefreshedWhileShown, widgets.VBox):
         limited = any(r["max_memory"] for r in rows)
         head += " Kernel memory (RSS)" + (", against each pool's max_memory" if limited else "")
         table = [
-            [r["pool"], r["kernel"], r["pid"], r["state"], usage_bar(r["rss"], r["max_memory"])]
+            [
+                r["pool"],
+                r["kernel"],
+                r["pid"],
+                r["state"],
+                usage_bar(
+                    r["rss"],
+                    r["max_memory"],
+                    total_text=registry.memory_text(r["pool"], r["max_memory"]),
+                ),
+            ]
             for r in rows
         ]
         headers = ["pool", "kernel", "pid", "state", "RSS / max_memory" if limited else "RSS"]

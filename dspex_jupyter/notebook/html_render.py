@@ -78,8 +78,16 @@ def format_score(score: float | None) -> str:
     return "0" if text in ("", "-0") else text
 
 
-def usage_bar(used: int, total: int | None, *, width: int = 160, colour: str = BRAND) -> Raw:
-    """A horizontal bar of ``used`` out of ``total`` bytes, with its numbers."""
+def usage_bar(
+    used: int,
+    total: int | None,
+    *,
+    width: int = 160,
+    colour: str = BRAND,
+    total_text: str | None = None,
+) -> Raw:
+    """A horizontal bar of ``used`` out of ``total`` bytes, with its numbers;
+    ``total_text``: the total as the user gave it (a pool's "512MB" limit)."""
     if not total:
         return Raw(escape(format_bytes(used)))
     share = max(0.0, min(1.0, used / total))
@@ -88,7 +96,7 @@ def usage_bar(used: int, total: int | None, *, width: int = 160, colour: str = B
         f'<span style="display:inline-block;width:{width}px;height:9px;background:{TRACK};'
         f'vertical-align:middle"><span style="display:block;width:{share * 100:.1f}%;height:9px;'
         f'background:{fill}"></span></span> {escape(format_bytes(used))} / '
-        f"{escape(format_bytes(total))}"
+        f"{escape(total_text or format_bytes(total))}"
     )
 
 

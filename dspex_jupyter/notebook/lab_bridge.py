@@ -1,9 +1,18 @@
 """The kernel side of the JupyterLab sidebar: a comm target named ``dspex.lab``.
 
-``%load_ext dspex_jupyter`` registers the target in the notebook's kernel; the sidebar
-opens a comm to it (``kernel.createComm("dspex.lab")``). Messages are JSON objects:
+``%load_ext dspex_jupyter`` registers the target in the notebook's kernel and, at once, opens
+a comm of the same name to the frontend (where the extension registered ``dspex.lab`` with
+``kernel.registerCommTarget``). States then flow from a kernel thread, so the sidebar is live
+while a cell blocks the kernel's main thread (``run.result()`` during Run All): nothing waits
+for the shell to be idle. A sidebar that comes later (a reloaded page, a second tab) opens a
+comm to the kernel's target itself (``kernel.createComm("dspex.lab")``). JupyterLab and
+Notebook 7 send comm messages over a kernel subshell (JEP 91, ipykernel 7), and the bridge
+has each handled on the subshell it came on, so opening a comm and the actions too are
+served while a cell runs. Both kinds of comm carry the same messages, JSON objects:
 
 kernel -> frontend
+    ``{"type": "hello", "version": 1}``: the data of the comm the kernel opens.
+
     ``{"type": "state", "state": SNAPSHOT}`` when the comm opens, then whenever something
     changed (checked twice a second, so at most two a second) and at least every 2 s (RSS,
     uptime and GPU memory change without events). SNAPSHOT is ``snapshot()``'s dict; its
@@ -74,6 +83,11 @@ def state_signature(state: dict[str, Any]) -> str:
     return json.dumps(stable, sort_keys=True, default=str)
 
 
+def _on_own_subshell(data: Any, subshell_id: str | None) -> str | None:
+    """ipykernel's routing hook for a comm's incoming messages: the subshell they came on."""
+    return subshell_id
+
+
 class LabBridge:
     """Serves the ``dspex.lab`` comms of this kernel (one per open sidebar)."""
 
@@ -101,14 +115,30 @@ class LabBridge:
         self.states_sent = 0
 
     # ---- registration -----------------------------------------------------------
-    def register(self, comm_manager: Any = None) -> None:
-        """Register the comm target (in the running kernel's comm manager by default)."""
-        if comm_manager is None:
+    def register(
+        self, comm_manager: Any = None, create_comm: Callable[..., Any] | None = None
+    ) -> None:
+        """Register the comm target (in the running kernel's comm manager by default), then
+        open a comm to the frontends that are already there (``announce``)."""
+        if comm_manager is None or create_comm is None:
             import comm
 
-            comm_manager = comm.get_comm_manager()
+            comm_manager = comm_manager or comm.get_comm_manager()
+            create_comm = create_comm or comm.create_comm
         comm_manager.register_target(TARGET_NAME, self.open)
         self._comm_manager = comm_manager
+        self.announce(create_comm)
+
+    def announce(self, create_comm: Callable[..., Any]) -> Any:
+        """Open a ``dspex.lab`` comm from the kernel: every frontend connected now gets it
+        over IOPub and is sent states from the bridge's thread from then on."""
+        try:
+            comm = create_comm(target_name=TARGET_NAME, data={"type": "hello", "version": 1})
+        except Exception:  # no frontend can take comms (a plain IPython): nothing to tell
+            logger.debug("dspex lab: could not open a comm to the frontend", exc_info=True)
+            return None
+        self.open(comm)
+        return comm
 
     def unregister(self) -> None:
         if self._comm_manager is not None:
@@ -124,7 +154,15 @@ class LabBridge:
 
     # ---- comms ------------------------------------------------------------------
     def open(self, comm: Any, open_msg: dict[str, Any] | None = None) -> None:
-        """A sidebar opened a comm: send the state now, and keep it up to date."""
+        """A comm is open (a sidebar's, or ours from ``announce``): send the state now, and
+        keep it up to date."""
+        # ipykernel 7 routes a frontend's messages on a comm to the subshell that last sent
+        # on it (a widget may await its reply there). Our sends come from threads, which
+        # ipykernel counts as the main shell's, so an action would wait for the running cell.
+        # Nothing here awaits a reply on a loop: let each message run on the subshell it came
+        # on (JupyterLab sends comm messages over a subshell of their own).
+        with contextlib.suppress(AttributeError, TypeError):
+            comm._reply_subshell_for = _on_own_subshell  # noqa: SLF001 (ipykernel's hook)
         with self._lock:
             self._comms.append(comm)
         comm.on_msg(lambda msg: self.handle_message(comm, msg))

@@ -35,6 +35,7 @@ from .registry import did_you_mean
 # Errors that are the user's to fix: one line and a hint, no traceback.
 EXPECTED_ERRORS = (DspexError, CheckpointError, ValueError, TypeError, LookupError, TimeoutError)
 CELL_COMMANDS = ("run", "session")
+ENV_ACTIONS = ("create", "list", "remove", "rebuild")
 DEFAULT_RUN_NAME = "run"
 DEFAULT_LOG_LINES = 20
 
@@ -358,23 +359,83 @@ class DspexMagics(Magics):
 
     @magic_arguments("dspex envs")
     def _cmd_envs(self, line: str, cell: str | None) -> None:
-        """List the dspex environments pools can start from (--env)."""
+        """List the dspex environments pools can start from (--env); as %dspex env list."""
         parse_argstring(self._cmd_envs, line)
-        from ..core.envs import broken_environments, envs_dir, list_environments
+        self._env_list()
 
-        found = list_environments()
-        if not found:
+    @magic_arguments("dspex env")
+    @argument("action", metavar="ACTION", help="create, list, remove or rebuild")
+    @argument("name", nargs="?", metavar="NAME", help="the environment (not for list)")
+    @argument(
+        "-p",
+        "--package",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="(create) a package to install, pip requirement syntax; repeat for more",
+    )
+    @argument("-r", "--requirements", metavar="FILE", help="(create) install what FILE lists")
+    @argument("--python", metavar="VERSION", help="(create) a version such as 3.11, or a path")
+    def _cmd_env(self, line: str, cell: str | None) -> None:
+        """Create, list, remove or rebuild dspex environments, with a progress bar.
+
+        create NAME [--package SPEC ...] [--requirements FILE] [--python VERSION] | list |
+        remove NAME | rebuild NAME. pip's output goes to a log file in the environment,
+        which an error names."""
+        args = parse_argstring(self._cmd_env, line)
+        from ..core import envs
+
+        if args.action not in ENV_ACTIONS:
+            raise DspexError(
+                f"unknown env action {args.action!r}",
+                hint=f"{did_you_mean(args.action, ENV_ACTIONS)}use one of: "
+                f"{', '.join(ENV_ACTIONS)}",
+            )
+        create_only = args.package or args.requirements or args.python
+        if args.action != "create" and create_only:
+            raise UsageError("--package, --requirements and --python are for env create")
+        if args.action == "list":
+            if args.name is not None:
+                raise UsageError(f"env list takes no NAME (got {args.name!r})")
+            self._env_list()
+            return
+        if args.name is None:
+            raise UsageError(f"env {args.action} needs the environment's NAME")
+        if args.action == "create":
+            env = envs.create_environment(
+                args.name,
+                packages=args.package,
+                requirements=args.requirements,
+                python=args.python,
+            )
+            print(
+                f"environment {env.name!r} is ready (kernel {env.kernel_name}); "
+                f"start a pool on it with %dspex start POOL --env {env.name}"
+            )
+            return
+        _check_environment(args.name, f"%dspex env create {args.name}")
+        if args.action == "remove":
+            envs.remove_environment(args.name)
+            print(f"environment {args.name!r} removed")
+        else:
+            env = envs.rebuild_environment(args.name)
+            print(f"environment {env.name!r} rebuilt from its lock with this dspex runtime")
+
+    @staticmethod
+    def _env_list() -> None:
+        from IPython.display import display
+
+        from ..core.envs import envs_dir
+        from .envs_table import envs_table
+
+        table = envs_table()
+        if not table.rows:
             print(
                 f"no dspex environments in {envs_dir()}; create one with: "
-                "dspex env create NAME --package ..."
+                "%dspex env create NAME --package ..."
             )
-        for env in found:
-            print(
-                f"{env.name:<16} Python {env.python_version or '?':<8} "
-                f"{len(env.packages)} packages  {env.path}"
-            )
-        for name, reason in broken_environments().items():
-            print(f"{name:<16} not usable: {reason}")
+            return
+        display(table)
 
     @magic_arguments("dspex gpu")
     def _cmd_gpu(self, line: str, cell: str | None) -> None:
@@ -460,9 +521,24 @@ class DspexMagics(Magics):
     @argument("--program", required=True, help="variable holding the dspy program")
     @argument("--trainset", required=True, help="variable holding the training examples")
     @argument("--valset", help="variable holding the validation examples")
-    @argument("--metric", required=True, help="variable holding the metric (or 'pkg.mod:name')")
-    @argument("--lm", required=True, help="variable holding the task LM (or a model name)")
-    @argument("--prompt-lm", help="variable holding the LM that proposes instructions")
+    @argument(
+        "--teleprompter",
+        metavar="VAR",
+        help="variable holding any DSPy optimizer (dspy.GEPA(...), ...): runs it as is; "
+        "--metric and --lm are then optional (its own and dspy.settings.lm)",
+    )
+    @argument(
+        "--optimizer",
+        metavar="NAME",
+        help="which dspy.teleprompt optimizer to build with --metric and --optimizer-args: "
+        "mipro (default), gepa, copro, simba, bootstrap_rs, or a class name",
+    )
+    @argument("--metric", help="variable holding the metric (or 'pkg.mod:name')")
+    @argument("--lm", help="variable holding the task LM (or a model name)")
+    @argument(
+        "--prompt-lm",
+        help="variable holding the LM that proposes instructions (GEPA: its reflection_lm)",
+    )
     @argument(
         "--auto",
         choices=["light", "medium", "heavy", "none"],
@@ -485,13 +561,21 @@ class DspexMagics(Magics):
     @WAIT_ARGUMENT
     @run_output_arguments
     def _cmd_optimize(self, line: str, cell: str | None) -> None:
-        """Start a MIPROv2 run in a session of --pool; show its live dashboard."""
+        """Start an optimization run (MIPROv2 unless --optimizer or --teleprompter says
+        another) in a session of --pool; show its live dashboard."""
         args = parse_argstring(self._cmd_optimize, line)
         from ..optimizers.mipro import MIPROv2
 
         name = self._run_name(args.name)
+        if args.teleprompter is None and (args.metric is None or args.lm is None):
+            missing = [f for f, v in (("--metric", args.metric), ("--lm", args.lm)) if v is None]
+            raise DspexError(
+                f"the following arguments are required: {', '.join(missing)}",
+                hint="give them, or --teleprompter VAR with an optimizer that has its metric",
+            )
         given = self._variables(
             {
+                "--teleprompter": (args.teleprompter, "variable"),
                 "--program": (args.program, "reference"),
                 "--trainset": (args.trainset, "variable"),
                 "--valset": (args.valset, "variable"),
@@ -518,22 +602,29 @@ class DspexMagics(Magics):
         if folder is not None and CheckpointDir(folder).run_file.exists():
             raise _folder_in_use(folder)
         pool = registry.find_pool(args.pool)
-        optimizer = MIPROv2(
-            pool,
-            metric=given["--metric"],
-            task_lm=given["--lm"],
-            prompt_lm=given["--prompt-lm"],
-            session_timeout=args.wait,
-            **options,
-        )
+        teleprompter = given["--teleprompter"]
+        kind = _optimizer_class(args.optimizer) if teleprompter is None else None
         try:
-            run = optimizer.optimize(
-                given["--program"],
-                given["--trainset"],
-                given["--valset"],
-                checkpoint_dir=folder,
-                **compile_args,
-            )
+            if teleprompter is None and kind is None:  # MIPROv2, as dspex always ran it
+                optimizer = MIPROv2(
+                    pool,
+                    metric=given["--metric"],
+                    task_lm=given["--lm"],
+                    prompt_lm=given["--prompt-lm"],
+                    session_timeout=args.wait,
+                    **options,
+                )
+                run = optimizer.optimize(
+                    given["--program"],
+                    given["--trainset"],
+                    given["--valset"],
+                    checkpoint_dir=folder,
+                    **compile_args,
+                )
+            else:
+                run = _compile_run(
+                    teleprompter, kind, given, options, compile_args, pool, folder, args.wait
+                )
         except RemoteError as exc:
             # The kernel's own check (runtime/mipro.py start_run) when the folder filled
             # up after the check above.
@@ -583,6 +674,11 @@ class DspexMagics(Magics):
     @argument("--metric", help="variable holding the metric (if it was a notebook object)")
     @argument("--lm", help="variable holding the task LM")
     @argument("--prompt-lm", help="variable holding the prompt LM")
+    @argument(
+        "--teleprompter",
+        metavar="VAR",
+        help="variable holding the optimizer the run was started with (dspex.compile runs)",
+    )
     @argument("--snapshot", help="resume from this checkpoint file (default: the newest)")
     @WAIT_ARGUMENT
     @run_output_arguments
@@ -609,8 +705,26 @@ class DspexMagics(Magics):
                 "--metric": (args.metric, "reference"),
                 "--lm": (args.lm, "lm"),
                 "--prompt-lm": (args.prompt_lm, "lm"),
+                "--teleprompter": (args.teleprompter, "variable"),
             }
         )
+        teleprompter = values["--teleprompter"] or known.get("teleprompter")
+        if teleprompter is not None:  # a dspex.compile run: any optimizer
+            from ..optimizers.runs import resume
+
+            run = resume(
+                folder,
+                registry.find_pool(args.pool),
+                teleprompter=teleprompter,
+                program=values["--program"] or known.get("program"),
+                lm=values["--lm"] or known.get("task_lm"),
+                snapshot=args.snapshot,
+                session_timeout=args.wait,
+            )
+            self.namespace[name] = run
+            print(f"run {run.run_id} resumed in pool {args.pool!r}, stored as `{name}`")
+            self._show_run(run, name, not args.no_display)
+            return
         given = {
             "program": values["--program"],
             "metric": values["--metric"],
@@ -630,16 +744,39 @@ class DspexMagics(Magics):
         self._show_run(run, name, not args.no_display)
 
     @magic_arguments("dspex runs")
+    @argument("--all", action="store_true", help="add the run history: other notebooks, days")
+    @argument("--optimizer", metavar="NAME", help="only this optimizer's runs (implies --all)")
+    @argument("--status", metavar="STATUS", help="only runs of this status (implies --all)")
+    @argument("--since", metavar="DATE", help="only runs started since (implies --all)")
+    @argument("--notebook", metavar="TEXT", help="only runs of notebooks named so (implies --all)")
+    @argument("--text", metavar="TEXT", help="only runs whose record mentions TEXT (implies --all)")
+    @argument("--limit", type=int, default=50, metavar="N", help="with --all: at most N runs")
+    @argument("--compare", nargs="+", metavar="RUN", help="recorded runs side by side (run ids)")
     def _cmd_runs(self, line: str, cell: str | None) -> None:
         """Table of the runs: variable, optimizer, status, best score and instruction, cost."""
-        parse_argstring(self._cmd_runs, line)
+        args = parse_argstring(self._cmd_runs, line)
         from IPython.display import display
 
-        from .runs_table import runs_table
+        from ..core.history import default_history
+        from .runs_table import comparison_text, history_table, runs_table
 
+        if args.compare:
+            print(comparison_text(default_history().compare(args.compare)))
+            return
         runs = registry.runs()
+        names = ("optimizer", "status", "since", "notebook", "text")
+        filters = {name: getattr(args, name) for name in names}
+        if args.all or any(filters.values()):
+            records = default_history().runs(**filters, limit=args.limit)
+            if not records:
+                print("no recorded run matches; `dspex runs` lists them in a terminal")
+                return
+            display(history_table(records, runs, self.namespace))
+            return
         if not runs:
-            print("no optimization run yet; start one with %dspex optimize --pool POOL ...")
+            recorded = default_history().count()
+            more = f"; %dspex runs --all lists {recorded} recorded runs" if recorded else ""
+            print(f"no optimization run yet; start one with %dspex optimize --pool POOL ...{more}")
             return
         display(runs_table(runs, self.namespace))
 
@@ -698,8 +835,9 @@ def _folder_in_use(folder: Path) -> CheckpointError:
     return error
 
 
-def _check_environment(name: str) -> None:
-    """A missing ``--env``: the closest existing names and the list, before any kernel."""
+def _check_environment(name: str, create: str = "") -> None:
+    """A missing environment: the closest existing names and the list, before any kernel
+    starts or any folder changes. ``create``: the command that would create it."""
     from ..core.envs import broken_environments, envs_dir, list_environments
 
     names = sorted(env.name for env in list_environments())
@@ -708,7 +846,7 @@ def _check_environment(name: str) -> None:
     raise EnvironmentNotFound(
         f"no dspex environment named {name!r} in {envs_dir()}",
         hint=f"{did_you_mean(name, names)}environments: {', '.join(names) or 'none'}; "
-        f"or create it with: dspex env create {name}",
+        f"or create it with: {create or f'dspex env create {name}'}",
     )
 
 
@@ -731,7 +869,80 @@ DspexMagics.dspex.__doc__ = overview()
 
 
 # ---- the extension -------------------------------------------------------------------
-_RUN_TYPE = ("dspex_jupyter.optimizers.mipro", "OptimizationRun")
+# --optimizer NAME: short names of the optimizers dspex has adapters for.
+OPTIMIZER_CLASSES = {
+    "mipro": None,  # dspex.MIPROv2's own path
+    "miprov2": None,
+    "gepa": "GEPA",
+    "copro": "COPRO",
+    "simba": "SIMBA",
+    "bootstrap_rs": "BootstrapFewShotWithRandomSearch",
+}
+
+
+def _optimizer_class(name: str | None) -> type | None:
+    """The dspy.teleprompt class --optimizer names (None: MIPROv2's own path)."""
+    if name is None or name.lower() in ("mipro", "miprov2"):
+        return None
+    import dspy
+
+    class_name = OPTIMIZER_CLASSES.get(name.lower(), name)
+    cls = getattr(dspy.teleprompt, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, dspy.teleprompt.Teleprompter)):
+        known = [*OPTIMIZER_CLASSES, *sorted(dspy.teleprompt.__all__)]
+        raise DspexError(
+            f"--optimizer {name}: no such DSPy optimizer",
+            hint=f"{registry.did_you_mean(name, known)}use one of {', '.join(OPTIMIZER_CLASSES)}"
+            ", a dspy.teleprompt class name, or --teleprompter VAR",
+        )
+    return cls
+
+
+def _compile_run(
+    teleprompter: Any,
+    cls: type | None,
+    given: dict[str, Any],
+    options: dict[str, Any],
+    compile_args: dict[str, Any],
+    pool: Any,
+    folder: Path | None,
+    wait: float,
+) -> Any:
+    """``dspex.compile`` for --teleprompter VAR, or for --optimizer NAME built from
+    --metric, --optimizer-args and --prompt-lm (its prompt_model or reflection_lm)."""
+    import contextlib
+    import inspect
+
+    import dspy
+
+    from ..optimizers.runs import compile as dspex_compile
+
+    if teleprompter is None:
+        kwargs = dict(options)
+        params = inspect.signature(cls.__init__).parameters
+        helper = given["--prompt-lm"] or given["--lm"]
+        for param in ("prompt_model", "reflection_lm"):
+            if param in params and helper is not None and param not in kwargs:
+                kwargs[param] = helper
+        teleprompter = cls(metric=given["--metric"], **kwargs)
+    lm = given["--lm"]
+    if isinstance(lm, str):
+        lm = dspy.LM(lm)
+    context = dspy.context(lm=lm) if lm is not None else contextlib.nullcontext()
+    with context:  # the program's LM, as dspy.settings.lm is for teleprompter.compile
+        return dspex_compile(
+            teleprompter,
+            given["--program"],
+            trainset=given["--trainset"],
+            valset=given["--valset"],
+            pool=pool,
+            checkpoint_dir=folder,
+            session_timeout=wait,
+            **compile_args,
+        )
+
+
+_RUN_TYPE = ("dspex_jupyter.optimizers.runs", "OptimizationRun")
 # What the extension registered, per shell: kept beside the shell rather than set on it,
 # and gone with it.
 _LOADED: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()

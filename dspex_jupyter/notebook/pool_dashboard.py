@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from ..core.errors import DspexError
-from . import actions
-from .html_render import first_line, format_duration, html_table, usage_bar
+from . import actions, registry
+from .html_render import ERROR, TEXT, first_line, format_duration, html_table, usage_bar
 from .snapshot import SHARED, snapshot
 from .timers import PeriodicRefresh, RefreshedWhileShown
 
@@ -34,10 +34,13 @@ def pools_html(state: dict[str, Any]) -> str:
     parts = []
     for pool in state["pools"]:
         trouble = f" · last error: {escape(pool['last_error'])}" if pool["last_error"] else ""
+        limit = registry.memory_text(pool["name"], pool["max_memory"])
+        memory = "no memory limit" if pool["max_memory"] is None else f"memory limit {limit}"
         parts.append(
             f"<div><b>{escape(pool['name'])}</b> · {escape(pool['source'])} · "
             f"{len(pool['kernels'])}/{pool['size']} kernels · "
-            f"{len(pool['sessions'])} sessions · {pool['deaths']} deaths{trouble}</div>"
+            f"{len(pool['sessions'])} sessions · {pool['deaths']} deaths · "
+            f"{escape(memory)}{trouble}</div>"
         )
         rows = [
             [
@@ -45,7 +48,7 @@ def pools_html(state: dict[str, Any]) -> str:
                 k["pid"],
                 k["state"],
                 k["session"],
-                usage_bar(k["rss"], pool["max_memory"]),
+                usage_bar(k["rss"], pool["max_memory"], total_text=limit),
                 format_duration(k["uptime"]),
                 k["calls_served"],
             ]
@@ -150,7 +153,7 @@ class PoolDashboard(RefreshedWhileShown, widgets.VBox):
             message = f"error: {first_line(str(exc))}"
         except Exception as exc:
             message = f"error: {type(exc).__name__}: {first_line(str(exc))}"
-        colour = "#c0392b" if message.startswith("error") else "#333"
+        colour = ERROR if message.startswith("error") else TEXT
         self.outcome.value = f'<span style="color:{colour}">{escape(message)}</span>'
         self._idle.set()
         with contextlib.suppress(Exception):

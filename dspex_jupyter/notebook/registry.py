@@ -17,7 +17,7 @@ from ..core.errors import DspexError, PoolNotFound
 if TYPE_CHECKING:
     from ..core.manager import PoolManager
     from ..core.pool import Pool
-    from ..optimizers.mipro import OptimizationRun
+    from ..optimizers.runs import OptimizationRun
 
 _lock = threading.Lock()
 _default: PoolManager | None = None
@@ -45,15 +45,16 @@ def remember_memory_text(pool: str, text: str | None, parsed: int | None) -> Non
 
 
 def memory_text(pool: str, limit: int | None) -> str:
-    """A pool's memory limit as the user gave it ("512MB"), else in binary units."""
-    from ..core.spec import format_bytes
+    """A pool's memory limit as the user gave it ("512MB"); for a pool started elsewhere,
+    in the unit that holds it exactly (``PoolSpec(max_memory="512MB")`` reads "512MB")."""
+    from ..core.spec import format_limit
 
     if limit is None:
         return "no limit"
     given = _memory_texts.get(pool)
     if given is not None and given[1] == limit:  # the same limit, not a later restart's
         return given[0]
-    return format_bytes(limit)
+    return format_limit(limit)
 
 
 def default_manager() -> PoolManager:
@@ -97,14 +98,14 @@ def find_pool(name: str) -> Pool:
 
 
 def runs() -> list[OptimizationRun]:
-    from ..optimizers.mipro import live_runs
+    from ..optimizers.runs import live_runs
 
     return live_runs()
 
 
 def find_run(name: str, namespace: Mapping[str, Any] | None = None) -> OptimizationRun:
     """A run by the variable holding it, or by its run id."""
-    from ..optimizers.mipro import OptimizationRun
+    from ..optimizers.runs import OptimizationRun
 
     newest = {run.run_id: run for run in runs()}  # a resumed run replaces its predecessor
     held = namespace.get(name) if namespace is not None else None

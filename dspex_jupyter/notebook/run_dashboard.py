@@ -22,6 +22,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..checkpoint import read_json_checked
+from . import optimizer_views
 from .checkpoint_controls import CheckpointControls
 from .html_render import (
     BRAND,
@@ -39,6 +40,7 @@ from .run_progress import (
     FINISHED,
     PHASES,
     RunProgress,
+    TrialPoint,
     budget_lines,
     trials_from_snapshot,
     waiting_line,
@@ -47,6 +49,9 @@ from .score_chart import score_chart_svg
 from .timers import CoalescedRedraw
 
 REDRAW_INTERVAL_S = 0.1
+# State colours mark text as borders; the text itself keeps the theme's text colour, which
+# reads at WCAG AA contrast in light and dark themes (orange and green text do not).
+NOTICE_STYLE = f"color:{TEXT};border-left:3px solid {WARNING};padding-left:6px"
 INSTRUCTION_PREVIEW = 160
 
 _dashboards: weakref.WeakKeyDictionary[Any, RunDashboard] = weakref.WeakKeyDictionary()
@@ -89,6 +94,35 @@ def search_plan(run: Any) -> tuple[int | None, bool]:
     return (int(trials) if isinstance(trials, int) else None), bool(options.get("minibatch", True))
 
 
+def _optimizer(run: Any) -> str:
+    return str(getattr(run, "optimizer", None) or "MIPROv2")
+
+
+def _latest_phase_event(run: Any) -> dict[str, Any]:
+    for event in reversed(list(getattr(run, "events", []) or [])):
+        if event.get("kind") == "phase":
+            return event
+    return {}
+
+
+def _latest_phase(run: Any) -> str | None:
+    return _latest_phase_event(run).get("phase")
+
+
+def _view_points(run: Any) -> list[TrialPoint]:
+    """Another optimizer's score chart, from its view's ``chart_points``."""
+    points = optimizer_views.chart_points(run) or []
+    return [
+        TrialPoint(
+            number=int(p["number"]),
+            eval=str(p.get("eval", "full")),
+            score=float(p["score"]),
+            best_score=p.get("best_score"),
+        )
+        for p in points
+    ]
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -114,6 +148,11 @@ class RunDashboard(widgets.VBox):
             name: widgets.IntProgress(value=0, min=0, max=1, description=name) for name in PHASES
         }
         self.phase_labels = {name: widgets.Label(value="") for name in PHASES}
+        # Another optimizer's phases: one bar for its current phase (MIPROv2's three above
+        # are hidden for it), and the rows its view makes of its progress events.
+        self.other_bar = widgets.IntProgress(value=0, min=0, max=1, description="progress")
+        self.other_label = widgets.Label(value="")
+        self.items = widgets.HTML()
         self.eta = widgets.HTML()
         self.chart = widgets.HTML()
         self.candidates = widgets.HTML()
@@ -133,11 +172,14 @@ class RunDashboard(widgets.VBox):
             trial_of=self._trial_after,
         )
         self.controls.on_resumed(self.follow)
-        bars = [widgets.HBox([self.phase_bars[n], self.phase_labels[n]]) for n in PHASES]
+        self.bars = [widgets.HBox([self.phase_bars[n], self.phase_labels[n]]) for n in PHASES]
+        self.other = widgets.HBox([self.other_bar, self.other_label])
         super().__init__(
             [
                 self.header,
-                *bars,
+                *self.bars,
+                self.other,
+                self.items,
                 self.eta,
                 self.chart,
                 self.candidates,
@@ -219,12 +261,20 @@ class RunDashboard(widgets.VBox):
         state = self.progress.copy()
         status = run.status if run.done else state.status
         self.header.value = self._header_html(run, state, status)
-        for name in PHASES:
-            self._draw_phase(name, state)
+        mipro = _optimizer(run) == "MIPROv2"
+        for bar in self.bars:
+            bar.layout.display = None if mipro else "none"
+        self.other.layout.display = "none" if mipro else None
+        if mipro:
+            for name in PHASES:
+                self._draw_phase(name, state)
+        else:
+            self._draw_other_phase(run, state)
+        self.items.value = self._items_html(run)
         eta = state.eta_seconds()
         self.eta.value = f"<b>ETA</b> {format_duration(eta)}" if eta is not None else "<b>ETA</b> -"
-        self.chart.value = score_chart_svg(state.trials)
-        self.candidates.value = self._candidates_html(state, predictor_names(run))
+        self.chart.value = score_chart_svg(state.trials if mipro else _view_points(run))
+        self.candidates.value = self._candidates_html(state, predictor_names(run)) if mipro else ""
         self.usage.value = self._usage_html(state.usage, state.budget)
         self.notice.value = self._notice_html(state)
         self.error.value = self._error_html(state, run)
@@ -235,12 +285,15 @@ class RunDashboard(widgets.VBox):
         best = state.best_score
         colour = {"completed": SUCCESS, "failed": ERROR, "cancelled": WARNING}.get(status, BRAND)
         phase = "done" if status == "completed" else state.phase or "-"
+        if _optimizer(run) != "MIPROv2":
+            best = getattr(run, "metrics", {}).get("best_score", best)
+            phase = "done" if status == "completed" else _latest_phase(run) or "-"
         parts = [
-            f"<b>MIPROv2 run {escape(str(run.run_id))}</b>",
+            f"<b>{escape(_optimizer(run))} run {escape(str(run.run_id))}</b>",
             f"pool {escape(pool)}" if pool else "",
-            f'status <b style="color:{colour}">{escape(status)}</b>',
+            f'status <b style="color:{TEXT};border-bottom:2px solid {colour}">{escape(status)}</b>',
             f"phase {escape(phase)}",
-            f"trials {self._trials_done(run, state)}",
+            f"trials {self._trials_done(run, state)}" if _optimizer(run) == "MIPROv2" else "",
             f"best {format_score(best)}" if isinstance(best, int | float) else "best -",
         ]
         return (
@@ -248,6 +301,35 @@ class RunDashboard(widgets.VBox):
             + " · ".join(p for p in parts if p)
             + "</div>"
         )
+
+    def _draw_other_phase(self, run: Any, state: RunProgress) -> None:
+        """Another optimizer's newest phase event: "iteration 3/10" (or its name)."""
+        phase = _latest_phase_event(run)
+        total = phase.get("total")
+        step = int(phase.get("step") or 0)
+        done = run.done and run.status == "completed"
+        self.other_bar.max = max(int(total or 1), 1)
+        self.other_bar.value = self.other_bar.max if done else min(step, self.other_bar.max)
+        self.other_bar.bar_style = "success" if done else ""
+        name = phase.get("phase")
+        if not name:
+            self.other_label.value = "not started"
+        elif total:
+            self.other_label.value = f"{name} {step}/{total}"
+        else:
+            self.other_label.value = str(name)
+
+    @staticmethod
+    def _items_html(run: Any) -> str:
+        """The optimizer's own figures (its view's progress items), as a two-column table."""
+        items = optimizer_views.progress_items(run)
+        if not items:
+            return ""
+        rows = "".join(
+            f"<tr><td><b>{escape(label)}</b></td><td>{escape(text)}</td></tr>"
+            for label, text in items
+        )
+        return f'<table class="dspex-progress-items" style="color:{TEXT}">{rows}</table>'
 
     def _trial_after(self, evaluations: int) -> int:
         """The trial count after a snapshot's first ``evaluations`` evaluations."""
@@ -307,7 +389,11 @@ class RunDashboard(widgets.VBox):
             text = row["instruction"]
             short = text if len(text) <= INSTRUCTION_PREVIEW else text[:INSTRUCTION_PREVIEW] + "…"
             chosen = best.get(f"{row['predictor']}_predictor_instruction") == row["index"]
-            mark = f'<b style="color:{SUCCESS}">★ best</b> ' if chosen else ""
+            mark = (
+                f'<b style="color:{TEXT};border-bottom:2px solid {SUCCESS}">★ best</b> '
+                if chosen
+                else ""
+            )
             cell = Raw(f'{mark}<span title="{escape(text)}">{escape(short)}</span>')
             rows.append(
                 [
@@ -364,18 +450,21 @@ class RunDashboard(widgets.VBox):
         lines = []
         if state.waiting is not None and state.status not in FINISHED:
             text = escape(waiting_line(state.waiting))
-            lines.append(f'<div class="dspex-waiting" style="color:{WARNING}">{text}</div>')
+            lines.append(f'<div class="dspex-waiting" style="{NOTICE_STYLE}">{text}</div>')
         for warning in map(escape, state.warnings):
-            lines.append(f'<div class="dspex-warning" style="color:{WARNING}">{warning}</div>')
+            lines.append(f'<div class="dspex-warning" style="{NOTICE_STYLE}">{warning}</div>')
         return "".join(lines)
 
     def _error_html(self, state: RunProgress, run: Any) -> str:
         error = state.error
         if state.status == "cancelled" or (run.done and run.status == "cancelled"):
             where = Path(state.cancelled_checkpoint).name if state.cancelled_checkpoint else ""
-            at = self._trials_done(run, state)
+            if _optimizer(run) == "MIPROv2":
+                at = f"trial {self._trials_done(run, state)}"
+            else:
+                at = escape(_latest_phase(run) or "the start")
             return (
-                f'<div class="dspex-cancelled" style="color:{TEXT}">cancelled at trial {at}; '
+                f'<div class="dspex-cancelled" style="color:{TEXT}">cancelled at {at}; '
                 f"resumable checkpoint: {escape(where or 'its newest checkpoint')}</div>"
             )
         if error is None:

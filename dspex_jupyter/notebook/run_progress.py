@@ -1,8 +1,9 @@
 """What a run's dashboard shows, folded from the run's events: no widgets, no I/O.
 
-Event kinds and fields are those of ``dspex_jupyter.runtime.mipro`` ("status", "phase",
-"candidate", "trial", "checkpoint", "complete", "cancelled", "error", "resumed", "waiting",
-"recovery", "warning", "budget").
+Event kinds and fields are those of ``dspex_jupyter.runtime.runs`` ("status", "phase",
+"progress", "checkpoint", "complete", "cancelled", "error", "resumed", "waiting",
+"recovery", "warning", "budget") and of MIPROv2's adapter ("candidate", "trial"); other
+optimizers' "progress" events are read by their views (``notebook/optimizer_views``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """``%dspex runs``: one row per optimization run, as HTML in a notebook and text elsewhere.
 
 Built from the runs' public attributes only (status, metrics, events, spec), so it reads
-the same for a live run, a finished one and a resumed one.
+the same for a live run, a finished one and a resumed one. ``%dspex runs --all`` adds the
+run history's rows (other notebooks, earlier days: ``core/history.py``) to the same table,
+with the notebook and start time of each.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 from .html_render import format_duration, html_table
 
 HEADERS = ("variable", "run", "optimizer", "status", "best", "best instruction", "cost", "time")
+HISTORY_HEADERS = (*HEADERS, "notebook", "started")
 INSTRUCTION_WIDTH = 48
 
 
@@ -42,8 +46,13 @@ def holder_name(run: Any, namespace: Mapping[str, Any]) -> str:
 def optimizer_name(run: Any) -> str:
     """ "MIPROv2 light" (its auto preset), or "MIPROv2" with explicit candidates/trials."""
     options = (getattr(run, "spec", None) or {}).get("optimizer") or {}
-    auto = options.get("auto")
-    return f"MIPROv2 {auto}" if auto else "MIPROv2"
+    name = getattr(run, "optimizer", None)
+    return optimizer_label(name if isinstance(name, str) and name else "MIPROv2", options)
+
+
+def optimizer_label(name: str, options: Any) -> str:
+    auto = options.get("auto") if isinstance(options, dict) else None
+    return f"{name} {auto}" if auto else name
 
 
 def best_instruction(events: list[dict[str, Any]], best_score: float | None) -> str:
@@ -96,18 +105,65 @@ def run_row(run: Any, namespace: Mapping[str, Any], now: float | None = None) ->
     ]
 
 
+def record_row(record: Any) -> list[str]:
+    """A run of the history (``core.history.RunRecord``) that this kernel does not hold."""
+    instruction = " | ".join(text for text in record.instructions.values() if text)
+    return [
+        "-",
+        record.run_id,
+        optimizer_label(record.optimizer, (record.config or {}).get("optimizer")),
+        record.shown_status,
+        f"{record.best_score:.4g}" if record.best_score is not None else "-",
+        shorten(instruction) if instruction else "-",
+        f"${record.cost:.4f}" if record.cost is not None else "-",
+        format_duration(max(0.0, record.updated - record.created) if record.created else None),
+        notebook_name(record.notebook),
+        started_text(record.created),
+    ]
+
+
+def notebook_name(path: str | None) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1] if path else "-"
+
+
+def started_text(epoch: float | None) -> str:
+    from ..core.history import format_time
+
+    return format_time(epoch)
+
+
+def history_table(
+    records: list[Any], live: list[Any], namespace: Mapping[str, Any], now: float | None = None
+) -> RunsTable:
+    """``%dspex runs --all``: the history's runs; those this kernel holds read live, with
+    the variable holding them."""
+    from ..core.history import current_notebook
+
+    held = {run.run_id: run for run in live}
+    notebook = notebook_name(current_notebook())
+    rows = []
+    for record in records:
+        run = held.get(record.run_id)
+        if run is None:
+            rows.append(record_row(record))
+        else:
+            rows.append([*run_row(run, namespace, now), notebook, started_text(record.created)])
+    return RunsTable(rows, HISTORY_HEADERS)
+
+
 class RunsTable:
     """What ``%dspex runs`` displays: ``_repr_html_`` in a notebook, text in a terminal."""
 
-    def __init__(self, rows: list[list[str]]) -> None:
+    def __init__(self, rows: list[list[str]], headers: tuple[str, ...] = HEADERS) -> None:
         self.rows = rows
+        self.headers = headers
 
     def _repr_html_(self) -> str:
-        return html_table(HEADERS, self.rows, css_class="dspex-runs")
+        return html_table(self.headers, self.rows, css_class="dspex-runs")
 
     def __repr__(self) -> str:
-        table = [list(HEADERS), *self.rows]
-        widths = [max(len(row[i]) for row in table) for i in range(len(HEADERS))]
+        table = [list(self.headers), *self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(self.headers))]
         return "\n".join(
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
             for row in table
@@ -118,3 +174,35 @@ def runs_table(
     runs: list[Any], namespace: Mapping[str, Any], now: float | None = None
 ) -> RunsTable:
     return RunsTable([run_row(run, namespace, now) for run in runs])
+
+
+def comparison_text(records: list[Any]) -> str:
+    """Runs of the history side by side (``dspex runs compare``, ``%dspex runs --compare``):
+    scores, usage, the settings that differ, then the instructions' diff against the first."""
+    from ..core.history import config_differences, format_time, instruction_diff
+
+    def score(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+    rows = [
+        ["", *(r.run_id for r in records)],
+        ["optimizer", *(r.optimizer for r in records)],
+        ["status", *(r.shown_status for r in records)],
+        ["best score", *(score(r.best_score) for r in records)],
+        ["trials", *(str(r.trials) for r in records)],
+        ["cost", *(f"${r.cost:.4f}" if r.cost is not None else "-" for r in records)],
+        ["tokens", *(str((r.usage or {}).get("total_tokens", "-")) for r in records)],
+        ["notebook", *(notebook_name(r.notebook) for r in records)],
+        ["started", *(format_time(r.created) for r in records)],
+    ]
+    for key, values in config_differences(records).items():
+        rows.append([key, *(json.dumps(value) for value in values)])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    for other in records[1:]:
+        diff = instruction_diff(records[0], other)
+        lines += ["", f"instructions, {records[0].run_id} -> {other.run_id}:"]
+        lines += diff or ["  (the same)"]
+    return "\n".join(lines)

@@ -1,10 +1,16 @@
 """The trial score chart as an SVG string: no plotting library, renders in any frontend.
 
-Each trial is a marker (minibatch: a circle; full evaluation: a square), and the best
-full-evaluation score so far is a step line, over a "score" axis with round ticks and
-gridlines. Percent scores (DSPy's, 0-100) get the whole 0-100 axis, so two charts compare
-at a glance and one point is not blown up to fill the plot. Colours are JupyterLab theme
-variables (set through ``style``: SVG presentation attributes do not take ``var()``).
+Each evaluation is a marker (minibatch: a circle; full evaluation: a square), and the best
+full-evaluation score so far is a step line. The x-axis counts trials as the dashboard's
+header does ("trial 8/8 · 3 full evaluations"): MIPROv2's ``num_trials`` counts minibatch
+trials, so minibatch trial k sits at k and a full evaluation made after trial k sits at k
+too (the baseline's at 0); without minibatches (``minibatch=False``) the evaluations after
+the baseline's are the trials. Points of other optimizers (all full evaluations, and no
+``minibatch`` given) sit at their own numbers. The plot is drawn over a "score" axis with
+round ticks and gridlines. Percent scores (DSPy's, 0-100) get the whole 0-100 axis, so two
+charts compare at a glance and one point is not blown up to fill the plot. Colours are
+JupyterLab theme variables (set through ``style``: SVG presentation attributes do not take
+``var()``).
 Elements carry class names (``trial minibatch``, ``trial full``, ``best-so-far``, ``grid``,
 ``y-tick``) so tests and stylesheets can find them.
 """
@@ -65,8 +71,45 @@ def _style(prop: str, colour: str) -> str:
     return f'style="{prop}:{colour}"'
 
 
-def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: int = 230) -> str:
-    """An SVG chart of every trial's score and the best score so far."""
+def trial_positions(trials: Sequence[TrialPoint], minibatch: bool | None = None) -> list[int]:
+    """Each evaluation's place on the trial axis: how many trials (as ``num_trials``
+    counts them) were done once it was made. ``minibatch``: whether the run evaluates
+    minibatches (None: whether any evaluation is one)."""
+    if minibatch is None:
+        minibatch = any(t.eval != "full" for t in trials)
+    positions: list[int] = []
+    done = 0
+    for trial in trials:
+        if not minibatch:
+            positions.append(done)  # the baseline's is 0, then trial 1, 2, ...
+            done += 1
+            continue
+        if trial.eval != "full":
+            done += 1
+        positions.append(done)
+    return positions
+
+
+def _tip(trial: TrialPoint, position: int, by_trial: bool = True) -> str:
+    score = format_score(trial.score)
+    if not by_trial or trial.eval != "full":
+        return f"trial {position} ({escape(trial.eval)}): {score}"
+    if position == 0:
+        return f"baseline (full evaluation): {score}"
+    return f"full evaluation after trial {position}: {score}"
+
+
+def score_chart_svg(
+    trials: Sequence[TrialPoint],
+    *,
+    width: int = 560,
+    height: int = 230,
+    num_trials: int | None = None,
+    minibatch: bool | None = None,
+) -> str:
+    """An SVG chart of every evaluation's score and the best score so far, over the trials;
+    ``num_trials`` (the run's) makes the axis span the whole search from the start."""
+    by_trial = minibatch is not None or any(t.eval != "full" for t in trials)
     left, right, top, bottom = 58, 12, 10, 48
     plot_w, plot_h = width - left - right, height - top - bottom
     head = (
@@ -81,8 +124,9 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
         )
     scores = [t.score for t in trials] + [t.best_score for t in trials if t.best_score is not None]
     low, high, step = score_axis(scores)
-    first = trials[0].number
-    last = max(trials[-1].number, first + 1)
+    positions = trial_positions(trials, minibatch) if by_trial else [t.number for t in trials]
+    first = 0 if by_trial else positions[0]
+    last = max(max(positions), num_trials or 0, first + 1)
 
     def x(number: float) -> float:
         return left + (number - first) / (last - first) * plot_w
@@ -109,7 +153,7 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
         f'transform="rotate(-90 14 {_fmt(middle_y)})" {_style("fill", TEXT)}>score</text>'
     )
     x_step = max(1, round(nice_step(last - first)))
-    numbers = list(range(first, trials[-1].number + 1, x_step))
+    numbers = list(range(first, last + 1, x_step))
     for number in numbers:
         parts.append(
             f'<text class="x-tick" x="{_fmt(x(number))}" y="{base_y + 14}" '
@@ -123,12 +167,12 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
     # Best so far: a step line through the trials that carry it.
     steps: list[str] = []
     previous: float | None = None
-    for trial in trials:
+    for trial, position in zip(trials, positions, strict=True):
         if trial.best_score is None:
             continue
         if previous is not None and trial.best_score != previous:
-            steps.append(f"{_fmt(x(trial.number))},{_fmt(y(previous))}")
-        steps.append(f"{_fmt(x(trial.number))},{_fmt(y(trial.best_score))}")
+            steps.append(f"{_fmt(x(position))},{_fmt(y(previous))}")
+        steps.append(f"{_fmt(x(position))},{_fmt(y(trial.best_score))}")
         previous = trial.best_score
     if steps:
         parts.append(
@@ -136,12 +180,9 @@ def score_chart_svg(trials: Sequence[TrialPoint], *, width: int = 560, height: i
             f'points="{" ".join(steps)}" {_style("stroke", BEST_COLOUR)}/>'
         )
 
-    for trial in trials:
-        cx, cy = x(trial.number), y(trial.score)
-        tip = (
-            f"<title>trial {trial.number} ({escape(trial.eval)}): "
-            f"{format_score(trial.score)}</title>"
-        )
+    for trial, position in zip(trials, positions, strict=True):
+        cx, cy = x(position), y(trial.score)
+        tip = f"<title>{_tip(trial, position, by_trial)}</title>"
         if trial.eval == "full":
             parts.append(
                 f'<rect class="trial full" x="{cx - 4:.1f}" y="{cy - 4:.1f}" width="8" '

@@ -25,14 +25,17 @@ are bytes, times are seconds, ``time`` is a Unix timestamp):
               "calls_served": int
             }
           ],
-          "sessions": [str]                # ids of the pool's open sessions
+          "sessions": [str],               # ids of the pool's open sessions
+          "session_names": {str: str}      # session id -> what holds it ("run NAME");
+                                           # only sessions a known run holds
         }
       ],
       "runs": [
         {
           "run_id": str,
+          "optimizer": str,                # "MIPROv2", "GEPA", ... or a teleprompter's class
           "status": str,                   # starting | running | completed | cancelled | failed
-          "phase": str | null,             # bootstrap | propose | search
+          "phase": str | null,             # MIPROv2: bootstrap | propose | search; others theirs
           "step": int,                     # progress within the phase ...
           "total": int | null,             # ... out of this many (search: trials)
           "trials": int,                   # trials evaluated so far
@@ -44,7 +47,8 @@ are bytes, times are seconds, ``time`` is a Unix timestamp):
           "notice": str | null,            # "waiting for the LM: ...", or a warning
           "pool": str,
           "checkpoint_dir": str,
-          "error": str | null              # one line
+          "error": str | null,             # one line
+          "progress_items": [[str, str]]   # (label, text) rows of the optimizer's view
         }
       ],
       "gpu": {
@@ -57,24 +61,28 @@ are bytes, times are seconds, ``time`` is a Unix timestamp):
           }
         ]
       },
-      "sessions_active": int               # open sessions over all pools
+      "sessions_active": int,              # open sessions over all pools
+      "cwd": str                           # the notebook kernel's working folder: with the
+                                           # notebook's path it tells the sidebar where the
+                                           # server's root is, to open checkpoints there
     }
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ..core.gpu import gpu_memory, kernel_refs, merge_gpu_states
+from ..core.gpu import gpu_memory, kernel_refs, merge_gpu_states, with_remote_devices
 from . import registry
 from .html_render import first_line
 
 if TYPE_CHECKING:
     from ..core.manager import PoolManager
-    from ..optimizers.mipro import OptimizationRun
+    from ..optimizers.runs import OptimizationRun
 
 KERNEL_KEYS = ("id", "pid", "state", "session", "rss", "uptime", "calls_served")
 # The shared snapshot is taken again once it is this old (the sidebar asks twice a second).
@@ -104,8 +112,11 @@ def run_summary(run: OptimizationRun) -> dict[str, Any]:
             phase = event
             break
     error = first_line(str(run.error)) if run.error is not None else None
+    from .optimizer_views import progress_items
+
     return {
         "run_id": run.run_id,
+        "optimizer": getattr(run, "optimizer", None) or "MIPROv2",
         "status": run.status,
         "phase": phase.get("phase"),
         "step": int(phase.get("step") or 0),
@@ -118,7 +129,19 @@ def run_summary(run: OptimizationRun) -> dict[str, Any]:
         "pool": run.session.pool_name,
         "checkpoint_dir": str(run.checkpoint_dir),
         "error": error,
+        "progress_items": [list(item) for item in progress_items(run)],
     }
+
+
+def session_names(runs: Iterable[OptimizationRun]) -> dict[str, str]:
+    """Session id -> "run RUN_ID" for the sessions runs hold: the sidebar names a session by
+    what holds it instead of its hex id."""
+    names = {}
+    for run in runs:
+        session_id = getattr(getattr(run, "session", None), "id", None)
+        if isinstance(session_id, str):
+            names[session_id] = f"run {run.run_id}"
+    return names
 
 
 def snapshot(
@@ -134,6 +157,8 @@ def snapshot(
     timer thread, never from an event callback. Readers that poll use ``shared_snapshot``."""
     healths = manager_health(managers)
     health = [pool for h in healths for pool in h["pools"].values()]
+    known_runs = list(registry.runs() if runs is None else runs)
+    names = session_names(known_runs)
     pools = [
         {
             "name": p["name"],
@@ -144,6 +169,7 @@ def snapshot(
             "last_error": p["last_error"],
             "kernels": [{k: kernel[k] for k in KERNEL_KEYS} for kernel in p["kernels"]],
             "sessions": list(p["sessions"]),
+            "session_names": {s: names[s] for s in p["sessions"] if s in names},
         }
         for p in health
     ]
@@ -152,16 +178,17 @@ def snapshot(
         if nvml is None and healths and len(measured) == len(healths):
             memory = merge_gpu_states(measured)  # health() asked NVML already, off its loop
         else:
-            memory = gpu_memory(kernel_refs(health), nvml=nvml)
+            memory = with_remote_devices(gpu_memory(kernel_refs(health), nvml=nvml), health)
         gpu_state = {k: memory[k] for k in ("available", "reason", "devices")}
     else:
         gpu_state = {"available": False, "reason": "not measured", "devices": []}
     return {
         "time": time.time(),
         "pools": pools,
-        "runs": [run_summary(r) for r in (registry.runs() if runs is None else runs)],
+        "runs": [run_summary(r) for r in known_runs],
         "gpu": gpu_state,
         "sessions_active": sum(len(p["sessions"]) for p in pools),
+        "cwd": os.getcwd(),
     }
 
 

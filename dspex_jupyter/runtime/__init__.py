@@ -7,6 +7,7 @@ them, when they run.
 
 from __future__ import annotations
 
+from . import health as _health  # noqa: F401  (registers kernel_figures)
 from . import ops as _ops  # noqa: F401  (registers the built-in ops)
 from . import streams as _streams  # noqa: F401  (registers the stream ops)
 from .kernel import handle_message, install

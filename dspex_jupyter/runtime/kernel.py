@@ -9,7 +9,7 @@ import functools
 import inspect
 from typing import Any
 
-from .. import protocol
+from .. import exchange, protocol
 from .lm_failures import lm_failure_details
 from .ops import OpContext, Sender
 from .registry import get_op
@@ -69,18 +69,41 @@ def handle_message(
 
 
 def _on_comm_open(comm: Any, open_msg: dict[str, Any]) -> None:
+    # Big buffers to and from a kernel on another machine travel in pieces
+    # (exchange.send_in_pieces): the client says how big a reply's pieces may be.
+    pieces = exchange.PieceReceiver()
+
     def on_msg(msg: dict[str, Any]) -> None:
         content = msg.get("content") or {}
         data = content.get("data")
-        reply, buffers = handle_message(data, list(msg.get("buffers") or []), send)
+        buffers = list(msg.get("buffers") or [])
+        if pieces.is_piece(data):
+            pieces.piece(data, buffers)
+            return
+        try:
+            buffers = pieces.take(data, buffers)
+        except exchange.ExchangeError as exc:
+            req_id = str(data.get("id", "")) if isinstance(data, dict) else ""
+            comm.send(data=protocol.error_from_exception(req_id, exc))
+            return
+        reply, buffers = handle_message(data, buffers, send)
         if not (isinstance(data, dict) and data.get("noreply") is True and reply["ok"]):
-            comm.send(data=reply, buffers=buffers or None)
+            chunk_max = data.get("chunk_max") if isinstance(data, dict) else None
+            chunk_max = chunk_max if type(chunk_max) is int and chunk_max > 0 else None
+            exchange.send_in_pieces(_comm_send(comm), reply, buffers, chunk_max)
 
     def send(data: dict[str, Any], buffers: list[bytes] | None = None) -> None:
         # Safe from any thread: ipykernel hands IOPub sends to its IOPub thread.
         comm.send(data=data, buffers=buffers or None)
 
     comm.on_msg(on_msg)
+
+
+def _comm_send(comm: Any) -> Any:
+    def send_one(data: dict[str, Any], buffers: list[Any]) -> None:
+        comm.send(data=data, buffers=buffers or None)
+
+    return send_one
 
 
 def install() -> None:

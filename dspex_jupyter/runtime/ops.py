@@ -149,6 +149,19 @@ def map_items(ctx: OpContext, func: Any, items: Any) -> dict[str, Any]:
     return ctx.encode(results)
 
 
+@op("environ")
+def set_environ(ctx: OpContext, variables: dict[str, str]) -> dict[str, Any]:
+    """The pool's ``env_vars`` for a kernel the pool did not start as a child process (one
+    on another host gets only its kernelspec's env): sent once, before any work, inside the
+    signed and encrypted channel, so API keys never show on a command line."""
+    if not isinstance(variables, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in variables.items()
+    ):
+        raise TypeError("environ 'variables' must map strings to strings")
+    os.environ.update(variables)
+    return {"set": sorted(variables)}
+
+
 @op("warmup")
 def warmup(ctx: OpContext, modules: list[str]) -> dict[str, Any]:
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):

@@ -289,6 +289,9 @@ class SimulatedLMServer:
             gate, self._gate = self._gate, None
             if gate is not None:
                 gate.set()  # wake hung requests: they see "down" and drop
+                # ...on their own handler threads: wait until they have, so "stopped"
+                # means nothing hangs any more.
+                self._cond.wait_for(lambda: self._hung == 0, timeout=5)
             self._cond.notify_all()
         if httpd is None:
             return

@@ -23,6 +23,16 @@ How it answers (see ``accuracy`` and ``SimulatedEngine.complete``):
 - Asked to propose an instruction (an output field called ``proposed_instruction``, as in
   MIPROv2's GroundedProposer), it returns a phrasing drawn from a fixed pool by hash of the
   prompt, temperature and rollout id; some phrasings carry helpful keywords, some do not.
+- Asked to reflect (GEPA's instruction-proposal prompt: ``current_instruction`` and
+  ``examples_with_feedback`` in, ``new_instruction`` out; or gepa's plain-text template), it
+  reads the feedback: sentences naming a helpful phrase the current instruction lacks are
+  lessons, and the new instruction is the current one, minus sentences with misleading
+  phrases, plus every lesson (in an order chosen by hash of the prompt and sample).
+  Feedback with no lesson leaves the instruction as it is. So GEPA improves a program only
+  through the feedback its metric writes.
+- Asked for SIMBA's advice (``OfferFeedback``: ``module_advice`` out), it advises each
+  module named in ``module_names`` with a helpful phrase its instruction lacks, phrased as
+  "If the module receives ..., then it should ...".
 - Any other signature gets every output field filled with a plausible placeholder.
 
 Determinism and thread safety: the answer is a pure function of (request messages,
@@ -99,6 +109,20 @@ _GENERIC_PROPOSALS: tuple[str, ...] = (
     "Work carefully and verify your answer before responding.",
     "Carefully reason step by step and double-check the result.",
     "Be precise, check each part of the input and verify the final answer.",
+)
+
+# Output fields of reflective optimizers' prompts (DSPy's GEPA proposer, its multimodal
+# variant, the length compressor) and gepa's plain-text reflection template.
+_REFLECTION_FIELDS = ("new_instruction", "improved_instruction")
+_GEPA_TEXT_TEMPLATE_END = "Provide the new instructions within ``` blocks."
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+# SIMBA advice for any task, one helpful phrase each (task lessons come first).
+_GENERAL_ADVICE: tuple[str, ...] = (
+    "Work step by step.",
+    "Read the input carefully.",
+    "Verify the answer before replying.",
+    "Be precise.",
 )
 
 _HEADER = re.compile(r"\[\[ ## (\w+) ## \]\]")
@@ -275,6 +299,46 @@ def accuracy(
     return min(MAX_ACCURACY, max(MIN_ACCURACY, p))
 
 
+# --------------------------------------------------------------------------- reflection
+
+
+def _sentences(text: str) -> list[str]:
+    return [part.strip() for part in _SENTENCE_END.split(text.strip()) if part.strip()]
+
+
+def _lessons(feedback: str, current: str, helpful: tuple[str, ...]) -> list[str]:
+    """Feedback sentences that name a helpful phrase the current instruction lacks (once each)."""
+    have = current.lower()
+    found: list[str] = []
+    # Feedback arrives as JSON (DSPy's JSONAdapter) or markdown; unescape quotes first.
+    text = feedback.replace('\\"', '"').replace("\\'", "'")
+    for piece in re.split(r'["\n]', text):
+        for sentence in _sentences(piece):
+            lowered = sentence.lower()
+            new = [p for p in helpful if p in lowered and p not in have]
+            if new and sentence not in found:
+                found.append(sentence)
+    return found
+
+
+def _first_int(text: str) -> int | None:
+    m = re.search(r"\d+", text)
+    return int(m.group()) if m else None
+
+
+def _shorten(instruction: str, limit: int | None) -> str:
+    """Drop trailing sentences until the instruction fits (never cut inside a sentence)."""
+    parts = _sentences(instruction)
+    while limit is not None and len(parts) > 1 and len(" ".join(parts)) > limit:
+        parts.pop()
+    return " ".join(parts)
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 # --------------------------------------------------------------------------- output values
 
 
@@ -420,7 +484,7 @@ class SimulatedEngine:
         parsed = parse_prompt(request)
         sample = self._sample_key(request)
         if not parsed.structured:
-            text = "Simulated response (offline simulated LM; no real model was called)."
+            text = self._unstructured(request, sample)
         else:
             text = _render(parsed, self._values(parsed, request, sample))
         system = request.system
@@ -447,6 +511,24 @@ class SimulatedEngine:
         values = {name: _placeholder(name, t, parsed) for name, t in parsed.output_fields}
         if "proposed_instruction" in types:
             values["proposed_instruction"] = self._propose(parsed, request, sample)
+            return values
+        reflection = next((name for name in _REFLECTION_FIELDS if name in types), None)
+        if reflection is not None:
+            current = parsed.inputs.get("current_instruction", "")
+            feedback = parsed.inputs.get("examples_with_feedback", "")
+            values[reflection] = self._reflect(current, feedback, sample)
+            return values
+        if "shortened_instruction" in types:
+            limit = _first_int(parsed.inputs.get("length_limit", ""))
+            values["shortened_instruction"] = _shorten(parsed.inputs.get("instruction", ""), limit)
+            return values
+        if "module_advice" in types:
+            values["module_advice"] = self._advise(parsed, sample)
+            if "discussion" in types:
+                values["discussion"] = (
+                    "The better trajectory followed the task's conventions more closely; "
+                    "each module gets one concrete habit to adopt (simulated advice)."
+                )
             return values
         knowledge = self.knowledge
         solved = self._solve(knowledge, parsed.inputs, parsed) if knowledge else None
@@ -509,6 +591,64 @@ class SimulatedEngine:
             reasoning="reasoning" in parsed.output_names,
         )
         return p, demo_digest
+
+    def _helpful_phrases(self) -> tuple[str, ...]:
+        knowledge = self.knowledge
+        return (*GENERAL_KEYWORDS, *(knowledge.hints if knowledge else ()))
+
+    def _misleading_phrases(self) -> tuple[str, ...]:
+        knowledge = self.knowledge
+        return (*GENERAL_MISLEADING, *(knowledge.misleading if knowledge else ()))
+
+    def _reflect(self, current: str, feedback: str, sample: tuple[Any, ...]) -> str:
+        """GEPA's reflection: keep the instruction, drop misleading sentences, add the lessons
+        (feedback sentences naming a helpful phrase the instruction lacks)."""
+        current = current.strip()
+        lessons = _lessons(feedback, current, self._helpful_phrases())
+        if not lessons:
+            return current
+        bad = self._misleading_phrases()
+        kept = [s for s in _sentences(current) if not keyword_hits(s, bad)]
+        # Every lesson goes in, as the reflection prompt asks; the hash only rotates their
+        # order, so different samples word the instruction differently.
+        k = stable_int(self.seed, "reflect", current, feedback, sample) % len(lessons)
+        return " ".join([*kept, *lessons[k:], *lessons[:k]]).strip()
+
+    def _advise(self, parsed: ParsedPrompt, sample: tuple[Any, ...]) -> dict[str, str]:
+        """SIMBA's advice: per module, one helpful phrase its instructions lack."""
+        try:
+            names = json.loads(parsed.inputs.get("module_names", "[]"))
+        except ValueError:
+            names = []
+        definitions = parsed.inputs.get("modules_defn", "")
+        inputs = parsed.inputs.get("program_inputs", "the task's inputs")
+        advice: dict[str, str] = {}
+        knowledge = self.knowledge
+        tips = (*(knowledge.lessons if knowledge else ()), *_GENERAL_ADVICE)
+        helpful = self._helpful_phrases()
+        have = definitions.lower()
+        # Only tips that bring a helpful phrase the module's instructions do not have yet.
+        useful = [t for t in tips if any(p in t.lower() and p not in have for p in helpful)]
+        for name in [str(n) for n in names] if isinstance(names, list) else []:
+            if not useful:
+                break
+            k = stable_int(self.seed, "advise", name, definitions, inputs, sample) % len(useful)
+            tip = useful[k][0].lower() + useful[k][1:]
+            advice[name] = (
+                f"If the module receives inputs like {_one_line(inputs, 60)}, then it should "
+                f"do as the better trajectory did: {tip}"
+            )
+        return advice
+
+    def _unstructured(self, request: Request, sample: tuple[Any, ...]) -> str:
+        """Plain-text prompts: gepa's own reflection template, or a labelled placeholder."""
+        last = request.messages[-1].text or "" if request.messages else ""
+        if _GEPA_TEXT_TEMPLATE_END in last:
+            blocks = re.findall(r"```\n?(.*?)```", last, re.DOTALL)
+            current = blocks[0] if blocks else ""
+            feedback = blocks[1] if len(blocks) > 1 else ""
+            return f"```\n{self._reflect(current, feedback, sample)}\n```"
+        return "Simulated response (offline simulated LM; no real model was called)."
 
     def _propose(self, parsed: ParsedPrompt, request: Request, sample: tuple[Any, ...]) -> str:
         knowledge = self.knowledge

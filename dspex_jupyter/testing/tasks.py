@@ -12,12 +12,19 @@ Tasks:
 - ``sentiment``: ``review -> sentiment`` (positive/negative) on synthetic reviews, some with
   a "..., but ..." contrast; ``dspy.Predict``; exact label match.
 - ``capitals``: ``country -> capital`` from a built-in table; ``dspy.Predict``; exact match.
+
+Each task also has a feedback metric (``Task.feedback_metric``, importable as e.g.
+``dspex_jupyter.testing.tasks:arithmetic_feedback``) for optimizers that read text feedback,
+such as GEPA: it returns ``dspy.Prediction(score=, feedback=)``, and the feedback on a wrong
+answer carries one of the task's lessons, which the simulated reflection LM turns into a
+better instruction.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,11 +39,14 @@ __all__ = [
     "Task",
     "TaskKnowledge",
     "arithmetic",
+    "arithmetic_feedback",
     "capitals",
+    "capitals_feedback",
     "get_task",
     "knowledge_for",
     "lookup_knowledge",
     "sentiment",
+    "sentiment_feedback",
 ]
 
 
@@ -54,7 +64,9 @@ class TaskKnowledge:
     judge demos in the prompt); ``explain`` writes the simulated reasoning for CoT.
     ``hints`` are task-specific instruction phrases that raise the simulated accuracy,
     ``misleading`` ones lower it, and ``proposals`` are task-specific instruction
-    candidates the simulated proposer can return.
+    candidates the simulated proposer can return. ``lessons`` are the sentences a feedback
+    metric gives on a wrong answer; each names one helpful phrase, so an optimizer that
+    reads feedback (GEPA) can learn the phrase from it.
     """
 
     name: str
@@ -68,6 +80,7 @@ class TaskKnowledge:
     hints: tuple[str, ...] = ()
     misleading: tuple[str, ...] = ()
     proposals: tuple[str, ...] = ()
+    lessons: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- arithmetic
@@ -185,6 +198,12 @@ ARITHMETIC = TaskKnowledge(
         "Estimate the answer; rounding is fine.",
         "Read the problem and write down the result.",
     ),
+    lessons=(
+        "Work through the problem step by step.",
+        "Track each quantity in the word problem.",
+        "Verify the arithmetic before answering.",
+        "Reply with the number only.",
+    ),
 )
 
 
@@ -264,6 +283,12 @@ SENTIMENT = TaskKnowledge(
         "Label the review by the sentiment of its first clause.",
         "Classify the review as positive or negative, weighing its overall tone.",
         "Say how the reviewer feels.",
+    ),
+    lessons=(
+        "Judge the overall tone of the whole review.",
+        "When the review draws a contrast with 'but', the clause after 'but' decides.",
+        "Answer positive or negative.",
+        "Read every clause carefully.",
     ),
 )
 
@@ -405,6 +430,12 @@ CAPITALS = TaskKnowledge(
         "Answer with a city.",
         "Give the capital city of the country, the seat of government.",
     ),
+    lessons=(
+        "Give the official capital city.",
+        "The capital is the seat of government.",
+        "The capital is often not the largest city.",
+        "Verify the answer before replying.",
+    ),
 )
 
 
@@ -438,6 +469,46 @@ def lookup_knowledge(name: str, answers: Mapping[str, str]) -> TaskKnowledge:
         check=check,
         explain=lambda text, answer: f"From what I know, the answer is {answer}.",
     )
+
+
+# --------------------------------------------------------------------------- feedback metrics
+
+
+def _feedback(
+    knowledge: TaskKnowledge, metric: Callable[..., bool], gold: dspy.Example, pred: Any
+) -> dspy.Prediction:
+    """Score and text feedback; a wrong answer gets one of the task's lessons, chosen by
+    the input (so different examples teach different lessons)."""
+    expected = gold[knowledge.output_field]
+    given = getattr(pred, knowledge.output_field, None)
+    if metric(gold, pred):
+        return dspy.Prediction(score=1.0, feedback=f"Correct: {given} is the expected answer.")
+    text = str(gold[knowledge.input_field]).strip()
+    lesson = knowledge.lessons[zlib.crc32(text.encode("utf-8")) % len(knowledge.lessons)]
+    return dspy.Prediction(
+        score=0.0, feedback=f"Incorrect: the expected answer is {expected}, not {given}. {lesson}"
+    )
+
+
+def arithmetic_feedback(
+    gold: dspy.Example, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
+) -> dspy.Prediction:
+    """GEPA feedback metric for ``arithmetic``: exact numeric match plus a lesson when wrong."""
+    return _feedback(ARITHMETIC, _arith_metric, gold, pred)
+
+
+def sentiment_feedback(
+    gold: dspy.Example, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
+) -> dspy.Prediction:
+    """GEPA feedback metric for ``sentiment``: exact label match plus a lesson when wrong."""
+    return _feedback(SENTIMENT, _sentiment_metric, gold, pred)
+
+
+def capitals_feedback(
+    gold: dspy.Example, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
+) -> dspy.Prediction:
+    """GEPA feedback metric for ``capitals``: exact city match plus a lesson when wrong."""
+    return _feedback(CAPITALS, _capital_metric, gold, pred)
 
 
 _KNOWLEDGE = {k.name: k for k in (ARITHMETIC, SENTIMENT, CAPITALS)}
@@ -474,6 +545,8 @@ class Task:
     program_kind: Literal["predict", "cot"]
     good_instruction: str
     knowledge: TaskKnowledge = field(repr=False)
+    #: ``(gold, pred, trace, pred_name, pred_trace) -> dspy.Prediction(score=, feedback=)``
+    feedback_metric: Callable[..., dspy.Prediction] | None = field(default=None, repr=False)
 
     def make_program(self) -> dspy.Module:
         """A fresh, unoptimised program for this task (Predict or ChainOfThought)."""
@@ -547,6 +620,7 @@ def arithmetic(seed: int = 0, n_train: int = 50, n_val: int = 40) -> Task:
             "verify the result. Reply with the number only."
         ),
         knowledge=ARITHMETIC,
+        feedback_metric=arithmetic_feedback,
     )
 
 
@@ -571,6 +645,7 @@ def sentiment(seed: int = 0, n_train: int = 50, n_val: int = 40) -> Task:
             "negative; when it draws a contrast with 'but', the clause after 'but' decides."
         ),
         knowledge=SENTIMENT,
+        feedback_metric=sentiment_feedback,
     )
 
 
@@ -597,6 +672,7 @@ def capitals(seed: int = 0, n_train: int = 40, n_val: int = 30) -> Task:
             "not the largest city. Verify before answering."
         ),
         knowledge=CAPITALS,
+        feedback_metric=capitals_feedback,
     )
 
 

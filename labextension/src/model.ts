@@ -1,6 +1,12 @@
 /**
  * The connection to the active notebook's kernel: one `dspex.lab` comm, the latest
  * snapshot it sent, and the fixed set of actions the user can ask for.
+ *
+ * The comm is the one the kernel opens when `%load_ext dspex_jupyter` runs (its states come
+ * from a kernel thread, so they keep coming while a cell blocks the kernel), or, for a kernel
+ * that loaded the extension before this page was there, one this page opens. That one is
+ * opened over a kernel subshell where the kernel has them (JEP 91, ipykernel 7), so it is
+ * answered at once even during Run All.
  */
 import { NotebookPanel } from '@jupyterlab/notebook';
 import { Kernel, KernelMessage } from '@jupyterlab/services';
@@ -18,6 +24,21 @@ import {
 
 /** How long an action may wait for its result before the panel says so. */
 const ACTION_TIMEOUT_MS = 60000;
+/** How long to wait for a comm's kernel subshell before opening it on the main shell. */
+const SUBSHELL_WAIT_MS = 5000;
+/**
+ * The kernel sends a state at least every 2 s, from a thread. A comm silent for longer than
+ * this is dead on the kernel's side (another client of the kernel that does not know
+ * `dspex.lab`, a console say, refused the comm the kernel opened, which closes it for all):
+ * open one of our own.
+ */
+const SILENT_AFTER_MS = 8000;
+
+/** A comm the kernel opened, and the last state it sent (shown at once on switching). */
+interface IKernelComm {
+  comm: Kernel.IComm;
+  last: any;
+}
 
 interface IPending {
   resolve: (result: IActionResult) => void;
@@ -50,6 +71,18 @@ export class DspexModel {
 
   get pendingActions(): number {
     return this._pending.size;
+  }
+
+  /**
+   * Accept the comms `kernel` opens to `dspex.lab` (called for every open notebook's kernel,
+   * so a notebook that is not the active one keeps its comm for when it is).
+   */
+  watchKernel(kernel: Kernel.IKernelConnection | null | undefined): void {
+    if (!kernel || kernel.isDisposed || this._registered.has(kernel)) {
+      return;
+    }
+    this._registered.add(kernel);
+    kernel.registerCommTarget(COMM_TARGET, comm => this._onKernelComm(kernel, comm));
   }
 
   /** The notebook whose kernel is watched; null when no notebook is open. */
@@ -124,8 +157,25 @@ export class DspexModel {
   }
 
   dispose(): void {
+    window.clearInterval(this._watchdog);
     this.setNotebook(null);
     Signal.clearData(this);
+  }
+
+  /** Reconnect when a connected comm has gone silent (see SILENT_AFTER_MS). */
+  private _checkSilence(): void {
+    const kernel = this._kernel;
+    if (!kernel || this._state !== 'connected' || !this._comm) {
+      return;
+    }
+    if (Date.now() - this._lastState < SILENT_AFTER_MS) {
+      return;
+    }
+    if (this._kernelComms.get(kernel)?.comm === this._comm) {
+      this._kernelComms.delete(kernel); // the kernel no longer sends on it
+    }
+    console.warn('dspex: no state from the kernel for a while; reconnecting');
+    this._connect();
   }
 
   private _onPanelDisposed(): void {
@@ -137,10 +187,57 @@ export class DspexModel {
     this._attachKernel(this._panel?.sessionContext.session?.kernel ?? null);
   }
 
+  /** The kernel opened a comm to us (`%load_ext` ran): the states come on it from now on. */
+  private _onKernelComm(kernel: Kernel.IKernelConnection, comm: Kernel.IComm): void {
+    const entry: IKernelComm = { comm, last: null };
+    const previous = this._kernelComms.get(kernel);
+    this._kernelComms.set(kernel, entry);
+    if (previous && previous.comm !== comm && !previous.comm.isDisposed) {
+      previous.comm.dispose(); // superseded: the kernel closed it or forgot it
+    }
+    comm.onMsg = (m: KernelMessage.ICommMsgMsg) => {
+      const data = m.content.data as any;
+      if (data && data.type === 'state') {
+        entry.last = data;
+      }
+      if (this._comm === comm) {
+        this._onData(data);
+      }
+    };
+    comm.onClose = () => {
+      if (this._kernelComms.get(kernel) === entry) {
+        this._kernelComms.delete(kernel);
+      }
+      if (this._comm === comm) {
+        this._comm = null;
+        this._failPending('the kernel closed the connection');
+        this._setState('closed');
+      }
+    };
+    if (kernel === this._kernel) {
+      this._adopt(entry);
+    }
+  }
+
+  /** Use a comm the kernel opened (closing one this page opened, if any). */
+  private _adopt(entry: IKernelComm): void {
+    if (this._comm === entry.comm) {
+      return;
+    }
+    this._dropComm(true);
+    this._comm = entry.comm;
+    if (entry.last) {
+      this._onData(entry.last);
+    } else {
+      this._setState('connecting');
+    }
+  }
+
   private _attachKernel(kernel: Kernel.IKernelConnection | null): void {
     if (kernel === this._kernel && kernel !== null) {
       return;
     }
+    this.watchKernel(kernel);
     if (this._kernel) {
       this._kernel.statusChanged.disconnect(this._onStatus, this);
       this._kernel.iopubMessage.disconnect(this._onIOPub, this);
@@ -156,10 +253,15 @@ export class DspexModel {
     this._connect();
   }
 
-  /** Open a fresh comm to `dspex.lab` on the current kernel. */
+  /** Use the kernel's own comm, or open a fresh one to `dspex.lab` on the current kernel. */
   private _connect(): void {
     const kernel = this._kernel;
     if (!kernel || kernel.isDisposed) {
+      return;
+    }
+    const offered = this._kernelComms.get(kernel);
+    if (offered && !offered.comm.isDisposed) {
+      this._adopt(offered);
       return;
     }
     this._dropComm(true);
@@ -191,6 +293,34 @@ export class DspexModel {
       // A kernel without the target closes the comm at once, before sending anything.
       this._setState(heard ? 'closed' : 'not-loaded');
     };
+    void this._open(kernel, comm, generation);
+  }
+
+  /** Open `comm`, over its kernel subshell when the kernel has subshells. */
+  private async _open(
+    kernel: Kernel.IKernelConnection,
+    comm: Kernel.IComm,
+    generation: number
+  ): Promise<void> {
+    try {
+      await kernel.info;
+      const started: Promise<void> | undefined = (comm as any).subshellStarted;
+      if (kernel.supportsSubshells && started) {
+        let timer = 0;
+        await Promise.race([
+          started.catch(() => undefined),
+          new Promise<void>(resolve => {
+            timer = window.setTimeout(resolve, SUBSHELL_WAIT_MS);
+          })
+        ]);
+        window.clearTimeout(timer);
+      }
+    } catch {
+      // No kernel info (a kernel restarting): open on the main shell as before.
+    }
+    if (generation !== this._generation || comm.isDisposed) {
+      return;
+    }
     try {
       comm.open({ client: 'jupyterlab', version: 1 });
     } catch (err) {
@@ -200,13 +330,16 @@ export class DspexModel {
     }
   }
 
-  /** Forget the current comm; close it in the kernel when it is still usable. */
+  /** Forget the current comm; close it in the kernel when it is still usable (a comm the
+   * kernel opened stays open: it serves this page again when its notebook is active). */
   private _dropComm(close: boolean): void {
     const comm = this._comm;
     this._comm = null;
     this._generation += 1;
     this._failPending('the connection to the kernel was reset');
-    if (comm && close && !comm.isDisposed) {
+    const kernel = this._kernel;
+    const kernelOwned = !!kernel && this._kernelComms.get(kernel)?.comm === comm;
+    if (comm && close && !comm.isDisposed && !kernelOwned) {
       try {
         comm.close();
       } catch {
@@ -220,6 +353,7 @@ export class DspexModel {
       return;
     }
     if (data.type === 'state' && data.state && typeof data.state === 'object') {
+      this._lastState = Date.now();
       this._snapshot = normalizeSnapshot(data.state);
       this._state = 'connected';
       this._changed.emit();
@@ -247,6 +381,7 @@ export class DspexModel {
       return;
     }
     if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
+      this._kernelComms.delete(kernel); // a restarted kernel forgot every comm
       if (this._state !== 'restarting' && this._state !== 'dead') {
         this._dropComm(false);
         this._snapshot = null;
@@ -298,6 +433,10 @@ export class DspexModel {
     this._changed.emit();
   }
 
+  private _lastState = 0;
+  private _watchdog = window.setInterval(() => this._checkSilence(), SILENT_AFTER_MS / 4);
+  private _registered = new WeakSet<Kernel.IKernelConnection>();
+  private _kernelComms = new WeakMap<Kernel.IKernelConnection, IKernelComm>();
   private _panel: NotebookPanel | null = null;
   private _kernel: Kernel.IKernelConnection | null = null;
   private _comm: Kernel.IComm | null = null;
@@ -312,6 +451,16 @@ export class DspexModel {
 
 function asArray(value: unknown): any[] {
   return Array.isArray(value) ? value : [];
+}
+
+function stringMap(value: unknown): { [key: string]: string } {
+  const out: { [key: string]: string } = {};
+  if (value && typeof value === 'object' && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) {
+      out[k] = String(v);
+    }
+  }
+  return out;
 }
 
 /** Fill in what a snapshot may lack so the views never meet undefined. */
@@ -335,10 +484,12 @@ export function normalizeSnapshot(raw: any): ISnapshot {
         uptime: typeof k.uptime === 'number' ? k.uptime : null,
         calls_served: typeof k.calls_served === 'number' ? k.calls_served : null
       })),
-      sessions: asArray(p.sessions).map(s => String(s))
+      sessions: asArray(p.sessions).map(s => String(s)),
+      session_names: stringMap(p.session_names)
     })),
     runs: asArray(raw.runs).map(r => ({
       run_id: String(r.run_id ?? '?'),
+      optimizer: r.optimizer ? String(r.optimizer) : null,
       status: String(r.status ?? 'unknown'),
       phase: r.phase ? String(r.phase) : null,
       step: typeof r.step === 'number' ? r.step : null,
@@ -350,12 +501,17 @@ export function normalizeSnapshot(raw: any): ISnapshot {
       notice: r.notice ? String(r.notice) : null,
       pool: r.pool ? String(r.pool) : null,
       checkpoint_dir: r.checkpoint_dir ? String(r.checkpoint_dir) : null,
-      error: r.error ? String(r.error) : null
+      error: r.error ? String(r.error) : null,
+      // [[label, text], ...]: what an optimizer reports of its progress, shown as it is.
+      progress_items: asArray(r.progress_items)
+        .filter(item => Array.isArray(item) && item.length >= 2)
+        .map(item => [String(item[0]), String(item[1])] as [string, string])
     })),
     gpu: {
       available: !!gpu.available,
       devices: asArray(gpu.devices).map((d, i) => ({
         index: typeof d.index === 'number' ? d.index : i,
+        host: d.host ? String(d.host) : null,
         name: String(d.name ?? `GPU ${i}`),
         used: typeof d.used === 'number' ? d.used : null,
         total: typeof d.total === 'number' ? d.total : null,
@@ -367,6 +523,7 @@ export function normalizeSnapshot(raw: any): ISnapshot {
         }))
       }))
     },
-    sessions_active: typeof raw.sessions_active === 'number' ? raw.sessions_active : 0
+    sessions_active: typeof raw.sessions_active === 'number' ? raw.sessions_active : 0,
+    cwd: typeof raw.cwd === 'string' ? raw.cwd : null
   };
 }

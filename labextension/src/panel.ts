@@ -3,14 +3,18 @@ import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { Widget } from '@lumino/widgets';
 
 import {
+  formatBudget,
   formatBytes,
   formatDuration,
-  formatNumber,
-  formatValue,
+  formatScore,
+  formatUsage,
   kernelHealth,
-  runIsActive
+  runIsActive,
+  serverRelative
 } from './format';
+import { dspexIcon } from './icon';
 import { DspexModel } from './model';
+import { statusText } from './statusbar';
 import { ActionName, ActionTarget, IGpuDevice, IPoolInfo, IRunInfo, ISnapshot } from './types';
 import { h, IVNode, patchChildren, VChild } from './vdom';
 
@@ -55,10 +59,21 @@ function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
 }
 
+/** How the sidebar opens what a run wrote, in JupyterLab or Notebook 7. */
+export interface IOpener {
+  /** The Jupyter server's root folder (absolute), when the page says it. */
+  serverRoot: string | null;
+  /** Show a folder (relative to the server root) in the file browser. */
+  openFolder(path: string): void;
+  /** Open a file (relative to the server root) in the editor. */
+  openFile(path: string): void;
+}
+
 export class DspexSidebar extends Widget {
-  constructor(model: DspexModel) {
+  constructor(model: DspexModel, opener: IOpener | null = null) {
     super();
     this._model = model;
+    this._opener = opener;
     this.id = 'dspex-sidebar';
     this.addClass('dspex-Sidebar');
     this.title.caption = 'DSPex: pools, sessions and runs';
@@ -84,6 +99,14 @@ export class DspexSidebar extends Widget {
     const data = button.dataset;
     if (data.command === 'retry') {
       this._model.reconnect();
+      return;
+    }
+    if (data.command === 'open-folder' && this._opener && data.path !== undefined) {
+      this._opener.openFolder(data.path);
+      return;
+    }
+    if (data.command === 'open-file' && this._opener && data.path !== undefined) {
+      this._opener.openFile(data.path);
       return;
     }
     const action = data.action as ActionName | undefined;
@@ -135,9 +158,17 @@ export class DspexSidebar extends Widget {
     action: ActionName,
     target: ActionTarget,
     attrs: { [name: string]: string },
-    enabled: boolean
+    disabledBecause: string | null
   ): IVNode {
     const busy = this._busy.has(`${action}:${JSON.stringify(target)}`);
+    // A disabled control says why (in its tooltip, and to screen readers).
+    let why = disabledBecause;
+    if (!why && busy) {
+      why = 'waiting for the kernel to answer';
+    }
+    if (!why && this._model.state !== 'connected') {
+      why = 'not connected to the notebook kernel';
+    }
     return h(
       'button',
       {
@@ -145,8 +176,9 @@ export class DspexSidebar extends Widget {
         type: 'button',
         'data-action': action,
         ...attrs,
-        disabled: !enabled || busy,
-        title: ACTION_LABELS[action]
+        disabled: !!why,
+        title: why ? `${ACTION_LABELS[action]}: ${why}` : ACTION_LABELS[action],
+        'aria-label': label
       },
       busy ? `${label}…` : label
     );
@@ -163,13 +195,20 @@ export class DspexSidebar extends Widget {
       h(
         'div',
         { class: 'dspex-Header' },
-        h('span', { class: 'dspex-Title' }, 'DSPex'),
+        h(
+          'span',
+          { class: 'dspex-Title' },
+          h('span', { class: 'dspex-TitleIcon', 'data-static': '', 'aria-hidden': 'true' }),
+          'DSPex'
+        ),
         h(
           'span',
           { class: `dspex-Conn dspex-Conn-${state}`, 'data-state': state },
           STATE_LABELS[state] ?? state
         )
       ),
+      // The status line lives here too: Notebook 7 has no status bar.
+      h('div', { class: 'dspex-HeaderStatus' }, statusText(model)),
       h(
         'div',
         { class: 'dspex-Notebook', title: model.notebookName ?? '' },
@@ -200,6 +239,10 @@ export class DspexSidebar extends Widget {
       children.push(this._summary(snap), this._pools(snap), this._runs(snap), this._gpus(snap));
     }
     patchChildren(this.node, children);
+    const icon = this.node.querySelector('.dspex-TitleIcon');
+    if (icon && !icon.firstChild) {
+      dspexIcon.element({ container: icon as HTMLElement, height: '16px', width: '16px' });
+    }
   }
 
   private _message(state: string): IVNode | null {
@@ -218,11 +261,7 @@ export class DspexSidebar extends Widget {
       case 'no-kernel':
         return h('div', { class: 'dspex-Message' }, 'This notebook has no kernel.');
       case 'connecting':
-        return h(
-          'div',
-          { class: 'dspex-Message' },
-          'Connecting to the kernel… (a busy kernel answers when its cell finishes)'
-        );
+        return h('div', { class: 'dspex-Message' }, 'Connecting to the kernel…');
       case 'closed':
         return h(
           'div',
@@ -288,7 +327,7 @@ export class DspexSidebar extends Widget {
             'restart_kernel',
             { pool: pool.name, kernel: k.id },
             { 'data-pool': pool.name, 'data-kernel': k.id },
-            true
+            k.state === 'starting' ? 'the kernel is starting' : null
           )
         ),
         h(
@@ -296,7 +335,7 @@ export class DspexSidebar extends Widget {
           { class: 'dspex-KernelMeta' },
           [
             `pid ${k.pid ?? '–'}`,
-            `session ${k.session ?? '–'}`,
+            k.session ? `in ${sessionName(pool, k.session)}` : 'no session',
             `RSS ${formatBytes(k.rss)}`,
             `up ${formatDuration(k.uptime)}`,
             `${k.calls_served ?? 0} calls`
@@ -332,15 +371,15 @@ export class DspexSidebar extends Widget {
           ? pool.sessions.map(s =>
               h(
                 'span',
-                { key: s, class: 'dspex-Session', 'data-session': s },
-                h('span', { class: 'dspex-mono' }, s),
+                { key: s, class: 'dspex-Session', 'data-session': s, title: `session ${s}` },
+                h('span', { class: 'dspex-SessionName' }, sessionName(pool, s)),
                 ' ',
                 this._button(
                   'Release',
                   'release_session',
                   { pool: pool.name, session: s },
                   { 'data-pool': pool.name, 'data-session': s },
-                  true
+                  null
                 )
               )
             )
@@ -364,26 +403,9 @@ export class DspexSidebar extends Widget {
     const active = runIsActive(run.status);
     const pct =
       run.total && run.step !== null ? Math.max(0, Math.min(100, (100 * run.step) / run.total)) : 0;
-    const usage = run.usage
-      ? Object.entries(run.usage)
-          .map(([k, v]) => `${k} ${formatValue(v)}`)
-          .join(' · ')
-      : '';
-    // Usage against the run's budget: "calls 120 / 500".
-    const used: { [key: string]: string } = {
-      max_calls: 'calls',
-      max_tokens: 'total_tokens',
-      max_cost: 'cost'
-    };
-    const budget = run.budget
-      ? Object.entries(run.budget)
-          .filter(([k]) => k in used)
-          .map(([k, v]) => {
-            const spent = run.usage ? run.usage[used[k]] : undefined;
-            return `${used[k]} ${formatValue(spent ?? 0)} / ${formatValue(v)}`;
-          })
-          .join(' · ')
-      : '';
+    const usage = formatUsage(run.usage);
+    const budget = formatBudget(run.usage, run.budget);
+    const finished = active ? null : `the run is ${run.status}`;
     return h(
       'div',
       {
@@ -396,11 +418,19 @@ export class DspexSidebar extends Widget {
         'div',
         { class: 'dspex-RunHead' },
         h('span', { class: 'dspex-RunName' }, run.run_id),
+        run.optimizer ? h('span', { class: 'dspex-RunOptimizer' }, run.optimizer) : null,
         h('span', { class: `dspex-Badge dspex-Status-${run.status.toLowerCase()}` }, run.status)
       ),
       h(
         'div',
-        { class: 'dspex-Progress', title: `${run.step ?? '–'} / ${run.total ?? '–'}` },
+        {
+          class: 'dspex-Progress',
+          role: 'progressbar',
+          'aria-valuemin': '0',
+          'aria-valuemax': '100',
+          'aria-valuenow': pct.toFixed(0),
+          title: `${run.step ?? '–'} / ${run.total ?? '–'}`
+        },
         h('div', { class: 'dspex-ProgressBar', style: `width: ${pct.toFixed(1)}%` })
       ),
       h(
@@ -412,19 +442,27 @@ export class DspexSidebar extends Widget {
         ' · ',
         h('span', { class: 'dspex-RunTrials' }, `trials ${run.trials ?? 0}`),
         ' · ',
-        h('span', { class: 'dspex-RunBest' }, `best ${formatNumber(run.best_score)}`),
+        h('span', { class: 'dspex-RunBest' }, `best ${formatScore(run.best_score)}`),
         run.pool ? ` · pool ${run.pool}` : ''
       ),
-      usage ? h('div', { class: 'dspex-RunUsage' }, `usage: ${usage}`) : null,
-      budget ? h('div', { class: 'dspex-RunBudget' }, `budget: ${budget}`) : null,
-      run.notice ? h('div', { class: 'dspex-RunNotice' }, run.notice) : null,
-      run.checkpoint_dir
+      run.progress_items.length
         ? h(
-            'div',
-            { class: 'dspex-RunCheckpoint dspex-mono', title: run.checkpoint_dir },
-            `checkpoint: ${run.checkpoint_dir}`
+            'dl',
+            { class: 'dspex-RunItems' },
+            run.progress_items.map(([label, text], i) =>
+              h(
+                'div',
+                { key: `${i}:${label}`, class: 'dspex-RunItem' },
+                h('dt', null, label),
+                h('dd', null, text)
+              )
+            )
           )
         : null,
+      usage ? h('div', { class: 'dspex-RunUsage' }, usage) : null,
+      budget ? h('div', { class: 'dspex-RunBudget' }, `budget: ${budget}`) : null,
+      run.notice ? h('div', { class: 'dspex-RunNotice' }, run.notice) : null,
+      run.checkpoint_dir ? this._checkpoint(run.checkpoint_dir) : null,
       run.error ? h('div', { class: 'dspex-Error', title: run.error }, run.error) : null,
       h(
         'div',
@@ -434,9 +472,68 @@ export class DspexSidebar extends Widget {
           'checkpoint_run',
           { run_id: run.run_id },
           { 'data-run': run.run_id },
-          active
+          finished
         ),
-        this._button('Cancel', 'cancel_run', { run_id: run.run_id }, { 'data-run': run.run_id }, active)
+        this._button(
+          'Cancel',
+          'cancel_run',
+          { run_id: run.run_id },
+          { 'data-run': run.run_id },
+          finished
+        )
+      )
+    );
+  }
+
+  /** The checkpoint folder and its run.log, each opened in Jupyter with one click. */
+  private _checkpoint(dir: string): IVNode {
+    const model = this._model;
+    const snap = model.snapshot;
+    const rel = serverRelative(
+      dir,
+      this._opener?.serverRoot ?? null,
+      snap?.cwd ?? null,
+      model.notebookName
+    );
+    const name = dir.replace(/\/+$/, '').split('/').pop() || dir;
+    if (rel === null || !this._opener) {
+      return h(
+        'div',
+        {
+          class: 'dspex-RunCheckpoint',
+          title: `${dir} (outside the Jupyter server's root: open it from a terminal)`
+        },
+        'checkpoint: ',
+        h('span', { class: 'dspex-mono' }, dir)
+      );
+    }
+    const log = rel ? `${rel}/run.log` : 'run.log';
+    return h(
+      'div',
+      { class: 'dspex-RunCheckpoint' },
+      'checkpoint ',
+      h(
+        'button',
+        {
+          class: 'dspex-Link dspex-OpenFolder',
+          type: 'button',
+          'data-command': 'open-folder',
+          'data-path': rel,
+          title: `Show ${rel || 'the root folder'} in the file browser`
+        },
+        `${name}/`
+      ),
+      ' · ',
+      h(
+        'button',
+        {
+          class: 'dspex-Link dspex-OpenLog',
+          type: 'button',
+          'data-command': 'open-file',
+          'data-path': log,
+          title: `Open ${log} (what DSPy printed during the run)`
+        },
+        'run.log'
       )
     );
   }
@@ -458,7 +555,11 @@ export class DspexSidebar extends Widget {
       device.total && device.used !== null ? Math.min(100, (100 * device.used) / device.total) : 0;
     return h(
       'div',
-      { key: String(device.index), class: 'dspex-Gpu', 'data-gpu': String(device.index) },
+      {
+        key: `${device.host ?? ''}:${device.index}`,
+        class: 'dspex-Gpu',
+        'data-gpu': String(device.index)
+      },
       h(
         'div',
         { class: 'dspex-GpuHead' },
@@ -486,5 +587,11 @@ export class DspexSidebar extends Widget {
   }
 
   private _model: DspexModel;
+  private _opener: IOpener | null;
   private _busy = new Set<string>();
+}
+
+/** A session by what holds it ("run NAME"), else by its id. */
+function sessionName(pool: IPoolInfo, session: string): string {
+  return pool.session_names[session] ?? `session ${session}`;
 }

@@ -1,9 +1,33 @@
-/** The status bar item: active sessions and GPU memory of the active notebook's kernel. */
+/** The status item: active sessions and GPU memory of the active notebook's kernel. */
 import { Widget } from '@lumino/widgets';
 
 import { formatBytes } from './format';
 import { DspexModel } from './model';
 
+/** Sessions and GPU memory in one line: "DSPex: 1 session · GPU 12.0 GiB / 80.0 GiB". */
+export function statusText(model: DspexModel): string {
+  const snap = model.snapshot;
+  if (model.state === 'connected' && snap) {
+    const devices = snap.gpu.available ? snap.gpu.devices : [];
+    let gpu = 'GPU –';
+    if (devices.length) {
+      const used = devices.reduce((n, d) => n + (d.used ?? 0), 0);
+      const total = devices.reduce((n, d) => n + (d.total ?? 0), 0);
+      gpu = `GPU ${formatBytes(used)} / ${formatBytes(total)}`;
+    }
+    const s = snap.sessions_active;
+    return `DSPex: ${s} session${s === 1 ? '' : 's'} · ${gpu}`;
+  }
+  if (model.state === 'not-loaded') {
+    return 'DSPex: not loaded';
+  }
+  return model.state === 'no-notebook' ? 'DSPex' : 'DSPex: …';
+}
+
+/**
+ * The status item: in JupyterLab's status bar, or, where there is none (Notebook 7), in the
+ * top bar. Clicking it shows the sidebar.
+ */
 export class DspexStatus extends Widget {
   constructor(model: DspexModel, onClick: () => void) {
     super();
@@ -23,25 +47,7 @@ export class DspexStatus extends Widget {
 
   private _render(): void {
     const model = this._model;
-    const snap = model.snapshot;
-    let text: string;
-    if (model.state === 'connected' && snap) {
-      const devices = snap.gpu.available ? snap.gpu.devices : [];
-      let gpu = 'GPU –';
-      if (devices.length) {
-        const used = devices.reduce((n, d) => n + (d.used ?? 0), 0);
-        const total = devices.reduce((n, d) => n + (d.total ?? 0), 0);
-        gpu = `GPU ${formatBytes(used)} / ${formatBytes(total)}`;
-      }
-      const s = snap.sessions_active;
-      text = `DSPex: ${s} session${s === 1 ? '' : 's'} · ${gpu}`;
-    } else if (model.state === 'not-loaded') {
-      text = 'DSPex: not loaded';
-    } else if (model.state === 'no-notebook') {
-      text = 'DSPex';
-    } else {
-      text = 'DSPex: …';
-    }
+    const text = statusText(model);
     this.node.dataset.state = model.state;
     if (this.node.textContent !== text) {
       this.node.textContent = text;

@@ -25,10 +25,14 @@ export interface IPoolInfo {
   last_error: string | null;
   kernels: IKernelInfo[];
   sessions: string[];
+  /** Session id -> what holds it ("run NAME"), for the sessions a run holds. */
+  session_names: { [session: string]: string };
 }
 
 export interface IRunInfo {
   run_id: string;
+  /** The optimizer's name (MIPROv2, GEPA, ...), when the kernel says. */
+  optimizer: string | null;
   status: string;
   phase: string | null;
   step: number | null;
@@ -41,6 +45,8 @@ export interface IRunInfo {
   pool: string | null;
   checkpoint_dir: string | null;
   error: string | null;
+  /** What the optimizer reports of its progress, as [label, text] pairs, shown in order. */
+  progress_items: [string, string][];
 }
 
 export interface IGpuKernel {
@@ -52,6 +58,8 @@ export interface IGpuKernel {
 
 export interface IGpuDevice {
   index: number;
+  /** Set for a GPU of another machine, as its kernels report it. */
+  host: string | null;
   name: string;
   used: number | null;
   total: number | null;
@@ -64,6 +72,8 @@ export interface ISnapshot {
   runs: IRunInfo[];
   gpu: { available: boolean; devices: IGpuDevice[] };
   sessions_active: number;
+  /** The notebook kernel's working folder (with the notebook's path: the server's root). */
+  cwd: string | null;
 }
 
 /** The only actions the frontend can ask for. */

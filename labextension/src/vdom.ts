@@ -99,7 +99,10 @@ function patchNode(dom: Node, node: VChild): Node {
       el.setAttribute(name, value);
     }
   }
-  patchChildren(el, node.children);
+  // An element marked data-static keeps what was put in it outside the tree (an icon).
+  if (!('data-static' in node.attrs)) {
+    patchChildren(el, node.children);
+  }
   return el;
 }
 

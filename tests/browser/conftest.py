@@ -48,6 +48,30 @@ def lab_server(tmp_path_factory) -> Iterator[LabServer]:
 
 
 @pytest.fixture(scope="module")
+def notebook7_server(tmp_path_factory) -> Iterator[LabServer]:
+    """Notebook 7 (`python -m notebook`), set up as `lab_server` is."""
+    _need_browser()
+    base = tmp_path_factory.mktemp("nb7")
+    server = LabServer(base, env={"DSPEX_HOME": str(base / "dspex-home")}, app="notebook")
+    server.start()
+    try:
+        yield server
+    finally:
+        killed = server.stop()
+        assert not killed, "processes outlived Notebook 7's shutdown:\n" + "\n".join(killed)
+
+
+@pytest.fixture
+def notebook7(browser, notebook7_server, request, tmp_path) -> Iterator[LabPage]:
+    """A page on the Notebook 7 server (as `lab` is on JupyterLab's)."""
+    page = _new_lab_page(browser, notebook7_server)
+    try:
+        yield page
+    finally:
+        _finish_lab_pages([page], notebook7_server, request, tmp_path)
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     chromium = _need_browser()
     from playwright.sync_api import sync_playwright

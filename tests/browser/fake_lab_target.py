@@ -47,21 +47,30 @@ def make_snapshot(pool: str) -> dict[str, Any]:
                     },
                 ],
                 "sessions": [f"{pool}-s1"],
+                "session_names": {f"{pool}-s1": f"run {pool}-run"},
             }
         ],
         "runs": [
             {
                 "run_id": f"{pool}-run",
+                "optimizer": "GEPA",
                 "status": "running",
                 "phase": "trials",
                 "step": 0,
                 "total": 40,
                 "trials": 0,
                 "best_score": None,
-                "usage": {"calls": 0, "tokens": 0},
+                "usage": {
+                    "calls": 120,
+                    "cached_calls": 8,
+                    "prompt_tokens": 52623,
+                    "completion_tokens": 4743,
+                    "total_tokens": 57366,
+                },
                 "pool": pool,
                 "checkpoint_dir": None,
                 "error": None,
+                "progress_items": [],
             }
         ],
         "gpu": {
@@ -79,6 +88,7 @@ def make_snapshot(pool: str) -> dict[str, Any]:
             ],
         },
         "sessions_active": 1,
+        "cwd": "/nonexistent",
     }
 
 
@@ -139,8 +149,13 @@ class FakeLab:
                 if run["status"] == "running" and run["trials"] < run["total"]:
                     run["trials"] += 1
                     run["step"] = run["trials"]
-                    run["best_score"] = round(0.5 + 0.4 * run["trials"] / run["total"], 3)
-                    run["usage"] = {"calls": 3 * run["trials"], "tokens": 250 * run["trials"]}
+                    # 59.375 ... 87.5 from the 4th trial on: shown as DSPy shows scores.
+                    run["best_score"] = 50 + 37.5 * min(run["trials"], 4) / 4
+                    # What GEPA-like optimizers report, shown by the sidebar as it comes.
+                    run["progress_items"] = [
+                        ["Pareto front", f"{1 + run['trials'] // 4} candidates"],
+                        ["rollouts", f"{10 * run['trials']} / 400"],
+                    ]
                 for kernel in self.snapshot["pools"][0]["kernels"]:
                     kernel["uptime"] += self.tick
             self._broadcast()

@@ -60,9 +60,13 @@ def _free_port() -> int:
 
 
 class LabServer:
-    """`python -m jupyterlab` on 127.0.0.1 with token auth, in a temporary root."""
+    """`python -m jupyterlab` (or, with ``app="notebook"``, Notebook 7's `python -m notebook`)
+    on 127.0.0.1 with token auth, in a temporary root."""
 
-    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None, app: str = "lab") -> None:
+        if app not in ("lab", "notebook"):
+            raise ValueError(f"app must be 'lab' or 'notebook', not {app!r}")
+        self.app = app
         self.base = base
         self.root = base / "root"
         self.token = secrets.token_hex(24)
@@ -96,10 +100,11 @@ class LabServer:
         )
         env.pop("JUPYTER_PATH", None)
         env.update(self.extra_env)
+        app_class = "LabApp" if self.app == "lab" else "JupyterNotebookApp"
         cmd = [
             sys.executable,
             "-m",
-            "jupyterlab",
+            "jupyterlab" if self.app == "lab" else "notebook",
             "--no-browser",
             "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.port={self.port}",
@@ -108,9 +113,15 @@ class LabServer:
             f"--ServerApp.root_dir={self.root}",
             "--ServerApp.open_browser=False",
             "--ServerApp.allow_root=True",  # CI runs as root
-            "--LabApp.expose_app_in_browser=True",
-            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-            "--LabApp.news_url=",
+            f"--{app_class}.expose_app_in_browser=True",
+            *(
+                [
+                    "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                    "--LabApp.news_url=",
+                ]
+                if self.app == "lab"
+                else []
+            ),
             "--LanguageServerManager.autodetect=False",
         ]
         self.proc = subprocess.Popen(
@@ -226,12 +237,21 @@ class LabPage:
         self.page.evaluate("() => window.jupyterapp.restored")
 
     def open_notebook(self, path: str, timeout: float = 60_000) -> None:
-        """Open (or activate) a notebook and wait until its kernel is idle."""
-        self.page.evaluate(
-            "async (path) => { await window.jupyterapp.commands.execute("
-            "'docmanager:open', {path, factory: 'Notebook'}); }",
-            path,
-        )
+        """Open (or activate) a notebook and wait until its kernel is idle. In Notebook 7 a
+        notebook is a page of its own: this loads it."""
+        if self.server.app == "notebook":
+            self.page.goto(f"{self.server.url}/notebooks/{path}?token={self.server.token}")
+            self.page.wait_for_function(
+                "() => window.jupyterapp && window.jupyterapp.started !== undefined",
+                timeout=timeout,
+            )
+            self.page.evaluate("() => window.jupyterapp.restored")
+        else:
+            self.page.evaluate(
+                "async (path) => { await window.jupyterapp.commands.execute("
+                "'docmanager:open', {path, factory: 'Notebook'}); }",
+                path,
+            )
         self.page.wait_for_function(
             """(path) => {
               const w = window.jupyterapp.shell.currentWidget;
@@ -304,13 +324,35 @@ class LabPage:
         )
 
     def open_sidebar(self) -> Any:
+        sidebar = self.page.locator("#dspex-sidebar")
+        if self.server.app == "notebook":
+            # Notebook 7 has no sidebar tab bar: its View menu (or this command) shows it.
+            self.page.evaluate("() => window.jupyterapp.shell.activateById('dspex-sidebar')")
+            sidebar.wait_for(state="visible")
+            return sidebar
         tab = self.page.locator(".jp-SideBar .lm-TabBar-tab[data-id='dspex-sidebar']")
         tab.wait_for(state="visible")
-        sidebar = self.page.locator("#dspex-sidebar")
         if not sidebar.is_visible():
             tab.click()
         sidebar.wait_for(state="visible")
         return sidebar
+
+    def append_cell(self, source: str) -> int:
+        """Add a code cell at the end of the current notebook; return its index."""
+        return self.page.evaluate(
+            """(source) => {
+              const shared = window.jupyterapp.shell.currentWidget.content.model.sharedModel;
+              shared.insertCell(shared.cells.length, {cell_type: 'code', source});
+              return shared.cells.length - 1;
+            }""",
+            source,
+        )
+
+    def run_all(self) -> None:
+        """Run every cell of the current notebook (Run All), without waiting."""
+        self.page.evaluate(
+            "() => { void window.jupyterapp.commands.execute('notebook:run-all-cells'); }"
+        )
 
     def screenshot(self, locator: Any, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,10 @@
 A notebook loads the extension, starts a pool, starts MIPROv2 on a SIMULATED LM (offline,
 dspex_jupyter.testing), and the test watches the run's dashboard (trial count, score chart)
 and the lab sidebar, presses Checkpoint in the sidebar and in the dashboard, then Cancel,
-and checks the outcome everywhere. It saves docs/screenshots/dashboard.png and sidebar.png.
+and checks the outcome everywhere: what the sidebar says (usage, scores, sessions by name),
+its checkpoint and run.log links, and the text contrast of the sidebar and the dashboard in
+the light and dark themes (WCAG AA, from computed colours). It saves
+docs/screenshots/dashboard.png, sidebar.png and sidebar-dark.png.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import pytest
 from playwright.sync_api import expect
 
+from .contrast import DARK, LIGHT, contrast_failures, set_theme
 from .lab import LabPage, optimize_cells
 
 pytestmark = pytest.mark.browser
@@ -28,7 +32,9 @@ CELLS = [
 WAIT = 120_000  # ms: a run's bootstrap and first trials on 2 busy cores
 
 
-CHART_MARKS = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell:nth-child(4) svg [class^='trial']"
+DASHBOARD = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell:nth-child(4)"
+CHART_MARKS = f"{DASHBOARD} svg [class^='trial']"
+DASHBOARD_OUTPUT = f"{DASHBOARD} .jp-OutputArea"
 
 
 def wait_chart_points(lab: LabPage, at_least: int) -> int:
@@ -79,6 +85,17 @@ def test_pool_run_dashboard_checkpoint_cancel_and_sidebar(lab: LabPage):
     expect(run.locator(".dspex-RunTrials")).to_have_text(re.compile(r"trials ([2-9]|\d\d)"))
     expect(pool.locator(".dspex-Session")).to_have_count(1)
     expect(lab.page.locator("#dspex-status")).to_have_text(re.compile(r"DSPex: 1 session · GPU"))
+    # Read as people read them: the session by its run, usage in words, scores as DSPy's.
+    run_id = run.get_attribute("data-run")
+    expect(pool.locator(".dspex-SessionName")).to_have_text(f"run {run_id}")
+    expect(run.locator(".dspex-RunUsage")).to_have_text(
+        re.compile(
+            r"^\d{1,3}(,\d{3})* tokens \(\d{1,3}(,\d{3})* prompt, \d{1,3}(,\d{3})* completion\)"
+        )
+    )
+    expect(run.locator(".dspex-RunBest")).to_have_text(
+        re.compile("^best (\u2013|\\d+(\\.\\d{1,2})?)$")
+    )
 
     # Checkpoint from the sidebar goes through the kernel's bridge to the run.
     run.get_by_role("button", name="Checkpoint").click()
@@ -100,9 +117,47 @@ def test_pool_run_dashboard_checkpoint_cancel_and_sidebar(lab: LabPage):
     expect(dashboard.get_by_role("button", name="Cancel")).to_be_disabled()
     lab.screenshot(dashboard, "dashboard.png")
 
-    # The sidebar follows: the run is cancelled and its buttons are off.
+    # The sidebar follows: the run is cancelled and its buttons are off, saying why.
     expect(run).to_have_attribute("data-status", "cancelled", timeout=WAIT)
     expect(run.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(run.get_by_role("button", name="Cancel")).to_have_attribute(
+        "title", "Cancel run: the run is cancelled"
+    )
+    # The run ended: its session is freed.
+    expect(pool.locator(".dspex-Session")).to_have_count(0, timeout=WAIT)
+
+    # The checkpoint folder and its run.log open in JupyterLab with one click.
+    run.locator(".dspex-OpenLog").click()
+    lab.page.wait_for_function(
+        r"""() => {
+          const w = window.jupyterapp.shell.currentWidget;
+          return !!w && !!w.context && /dspex-runs\/[^/]+\/run\.log$/.test(w.context.path);
+        }""",
+        timeout=WAIT,
+    )
+    expect(lab.page.locator(".jp-FileEditor:visible")).to_contain_text("BOOTSTRAP FEWSHOT EXAMPLES")
+    run.locator(".dspex-OpenFolder").click()
+    expect(lab.page.locator(".jp-FileBrowser .jp-BreadCrumbs")).to_contain_text(run_id)
+    expect(
+        lab.page.locator(".jp-FileBrowser .jp-DirListing-item[title*='run.log']")
+    ).to_be_visible()
+    lab.open_notebook(name)
 
     assert f"pool '{POOL}' stopped" in lab.run_cell(4, timeout=WAIT)
     expect(pool).to_have_count(0)
+
+    # Text contrast in both themes (the sidebar, and the dashboard left in the cell's output),
+    # with a screenshot in the dark one.
+    lab.open_sidebar()
+    failures: dict[str, list[str]] = {}
+    for theme in (LIGHT, DARK):
+        set_theme(lab.page, theme)
+        for part, root in (("sidebar", "#dspex-sidebar"), ("dashboard", DASHBOARD_OUTPUT)):
+            checked, below = contrast_failures(lab.page, [root])
+            assert checked > 10, f"{theme}, {part}: only {checked} text elements found"
+            failures[f"{theme}, {part}"] = below
+        if theme == DARK:
+            lab.screenshot(lab.page, "sidebar-dark.png")
+    set_theme(lab.page, LIGHT)
+    report = "\n".join(f"{where}: {line}" for where, lines in failures.items() for line in lines)
+    assert not report, "text below WCAG AA:\n" + report

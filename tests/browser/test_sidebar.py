@@ -47,10 +47,31 @@ def test_sidebar_lists_pools_runs_and_gpu(lab: LabPage):
     expect(sidebar.locator(".dspex-Gpu")).to_contain_text("12.0 GiB / 80.0 GiB")
 
     # Live: the trial count grows while the run is running.
-    expect(run.locator(".dspex-RunTrials")).to_have_text(re.compile(r"trials ([3-9]|\d\d)"))
+    expect(run.locator(".dspex-RunTrials")).to_have_text(re.compile(r"trials ([4-9]|\d\d)"))
+
+    # Read as people read them: usage in words, the score as DSPy writes it, the session by
+    # the run that holds it, and the optimizer's own progress items as they come.
+    expect(run.locator(".dspex-RunUsage")).to_have_text(
+        "57,366 tokens (52,623 prompt, 4,743 completion) · 120 LM calls (8 from the cache)"
+    )
+    expect(run.locator(".dspex-RunBest")).to_have_text("best 87.5")
+    expect(run.locator(".dspex-RunOptimizer")).to_have_text("GEPA")
+    items = run.locator(".dspex-RunItem")
+    expect(items).to_have_count(2)
+    expect(items.nth(0)).to_have_text(re.compile(r"^Pareto front\s*\d+ candidates$"))
+    expect(items.nth(1)).to_have_text(re.compile(r"^rollouts\s*\d+ / 400$"))
+    expect(pool.locator(".dspex-SessionName")).to_have_text("run alpha-run")
+    expect(pool.locator(".dspex-Kernel[data-kernel='alpha-k0']")).to_contain_text(
+        "in run alpha-run"
+    )
+    # A checkpoint outside the server's root is shown, not offered as a link.
+    expect(run.locator(".dspex-OpenFolder")).to_have_count(0)
 
     status = lab.page.locator("#dspex-status")
     expect(status).to_have_text("DSPex: 1 session · GPU 12.0 GiB / 80.0 GiB")
+    expect(sidebar.locator(".dspex-HeaderStatus")).to_have_text(
+        "DSPex: 1 session · GPU 12.0 GiB / 80.0 GiB"
+    )
 
 
 def test_actions_reach_the_kernel_and_show_their_outcome(lab: LabPage):
@@ -82,6 +103,10 @@ def test_actions_reach_the_kernel_and_show_their_outcome(lab: LabPage):
     dialog.get_by_role("button", name="Restart kernel").click()
     expect(result).to_have_text("Restart kernel: done — kernel beta-k1 restarted")
     expect(kernel.locator(".dspex-KernelState")).to_have_text("starting")
+    # A disabled control says why.
+    restart = kernel.get_by_role("button", name="Restart")
+    expect(restart).to_be_disabled()
+    expect(restart).to_have_attribute("title", "Restart kernel: the kernel is starting")
 
     # Release the session: the pool and the status bar follow.
     pool.locator(".dspex-Session[data-session='beta-s1']").get_by_role(
@@ -101,6 +126,9 @@ def test_actions_reach_the_kernel_and_show_their_outcome(lab: LabPage):
     expect(run).to_have_attribute("data-status", "cancelled")
     expect(run.get_by_role("button", name="Checkpoint")).to_be_disabled()
     expect(run.get_by_role("button", name="Cancel")).to_be_disabled()
+    expect(run.get_by_role("button", name="Cancel")).to_have_attribute(
+        "title", "Cancel run: the run is cancelled"
+    )
 
     # The kernel saw exactly the four actions, in order, with their targets.
     out = lab.run_cell(1)

@@ -82,6 +82,10 @@ def write_kernelspec(folder: Path, name: str) -> None:
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "dspex test: opaque provisioner",
         "language": "python",
-        "metadata": {"kernel_provisioner": {"provisioner_name": NAME, "config": {}}},
+        # Not the local provisioner: the pool requires CurveZMQ, which ipykernel 7.4 takes.
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": NAME, "config": {}},
+            "supported_encryption": ["curve"],
+        },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -56,6 +56,11 @@ from tests.integration import mipro_helpers as mh
 
 pytestmark = pytest.mark.integration
 H = "tests.integration.helpers"
+
+
+def _db() -> sqlite3.Connection:
+    """A value no pickler can send (a lock can: it travels as a new one)."""
+    return sqlite3.connect(":memory:")
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +157,10 @@ CATALOGUE = [
      r"must look like 'package.module:function'"),
     ("reference to something not callable", lambda m, t: m["bad"].call("os:sep"), RemoteError,
      r"not callable"),
-    ("unserializable argument", lambda m, t: m["bad"].call(f"{H}:echo", threading.Lock()),
-     SerializationError, r"cannot be sent to or from a kernel \(cannot pickle '_thread.lock'"),
-    ("unserializable result", lambda m, t: m["bad"].call("threading:Lock"), RemoteError,
+    ("unserializable argument", lambda m, t: m["bad"].call(f"{H}:echo", _db()),
+     SerializationError, r"sent to or from a kernel \(cannot pickle 'sqlite3.Connection'"),
+    ("unserializable result", lambda m, t: m["bad"].call("sqlite3:connect", ":memory:"),
+     RemoteError,
      r"SerializationError: a value cannot be sent"),
     ("session state not a dict", lambda m, t: m["bad"].session(state=[1]), TypeError,
      r"session state must be a dict"),
@@ -301,10 +307,10 @@ HYGIENE = [
     ("not a function", lambda m, t: m["bad"].call(42), InvalidFunction,
      r"expected a callable or a 'module:function' string, got int 42"),
     ("unserializable part of a container", lambda m, t: m["bad"].call(
-     f"{H}:echo", {"config": {"ok": 1, "lock": threading.Lock()}}), SerializationError,
-     r"argument 1 of the call: .*the part that fails is \['config'\]\['lock'\]: lock <unlocked"),
-    ("result that cannot come back", lambda m, t: m["bad"].call("threading:Lock"),
-     RemoteSerializationError, r"cannot pickle '_thread.lock' object\): lock <unlocked"),
+     f"{H}:echo", {"config": {"ok": 1, "db": _db()}}), SerializationError,
+     r"argument 1 of the call: .*the part that fails is \['config'\]\['db'\]: Connection <sqlite3"),
+    ("result that cannot come back", lambda m, t: m["bad"].call("sqlite3:connect", ":memory:"),
+     RemoteSerializationError, r"cannot pickle 'sqlite3.Connection' object\): Connection <sqlite3"),
     ("exchange file outside the folder", lambda m, t: decode(
      {"enc": "bytes", "type": "bytes", "nbytes": 3, "file": "../../etc/passwd"}, [],
      ExchangeConfig(folder=str(t))), ExchangeError,
@@ -357,3 +363,197 @@ def test_newer_bad_input_gets_a_dspex_error_with_a_hint(manager, tmp_path, actio
     assert isinstance(info.value, DspexError) and info.value.hint.strip()
     assert manager["bad"].call(f"{H}:square", 5) == 25  # the pool is still fine
     assert manager["bad"].call(f"{H}:echo", 2**100) == ((2**100,), {})  # ints of any size
+
+
+# ---- GEPA runs (helper G, issue #14) ------------------------------------------------------
+from dspex_jupyter.core.errors import UnsupportedOptimizerOption  # noqa: E402 (this section's)
+
+
+def _gepa_with_a_pickling_log_dir(manager, folder):
+    import dspy
+
+    import dspex_jupyter as dspex
+    from dspex_jupyter.testing import get_task
+
+    task = get_task("arithmetic", n_train=4, n_val=3)
+    gepa = dspy.GEPA(metric=task.feedback_metric, reflection_lm=task.lm(), max_metric_calls=10,
+                     log_dir=str(folder / "gepa"))  # fmt: skip
+    with dspy.context(lm=task.lm()):
+        run = dspex.compile(gepa, task.make_program(), trainset=task.trainset,
+                            valset=task.valset, pool=manager["bad"],
+                            checkpoint_dir=folder / "run")  # fmt: skip
+    try:
+        return run.result(timeout=120)
+    finally:
+        assert not (folder / "gepa").exists()  # nothing pickled
+
+
+GEPA_RUNS = [
+    ("GEPA with gepa's pickling log_dir", lambda m, t: _gepa_with_a_pickling_log_dir(m, t),
+     UnsupportedOptimizerOption, r"GEPA\(log_dir=\.\.\.\) saves gepa's run state with pickle"),
+]  # fmt: skip
+CATALOGUE += GEPA_RUNS
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "pattern"), [pytest.param(a, e, p, id=i) for i, a, e, p in GEPA_RUNS]
+)
+def test_gepa_bad_input_gets_a_dspex_error_with_a_hint(manager, tmp_path, action, error, pattern):
+    with pytest.raises(error, match=pattern) as info:
+        action(manager, tmp_path)
+    assert isinstance(info.value, DspexError) and "checkpoint_dir" in info.value.hint
+    assert manager["bad"].call(f"{H}:square", 5) == 25  # the pool is still fine
+
+
+# ---- run history and export (helper H, issue #15) -------------------------------------------
+from dspex_jupyter.core.errors import (  # noqa: E402 (this section's)
+    HistoryError,
+    NoBestProgram,
+    RunNotFinished,
+    RunNotFound,
+)
+
+
+def _history_with(status: str, **fields):
+    from dspex_jupyter.core.history import RunHistory
+
+    history = RunHistory()
+    history.record("h1s7", optimizer="MIPROv2", status=status, **fields)
+    return history
+
+
+def _newer_history():
+    import sqlite3
+
+    history = _history_with("completed")
+    with sqlite3.connect(history.path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    return history.runs()
+
+
+def _load(run_id: str):
+    import dspex_jupyter as dspex
+
+    return dspex.load_program(run_id)
+
+
+RUN_HISTORY = [
+    ("load_program of an unknown run", lambda m, t: _load("nosuchrun"),
+     RunNotFound, r"no run 'nosuchrun' in the run history"),
+    ("load_program of a failed run", lambda m, t: (_history_with("failed"), _load("h1s7")),
+     NoBestProgram, r"run h1s7 has no best program \(it is failed\)"),
+    ("load_program of a notebook-defined program without it",
+     lambda m, t: (_history_with("completed", best_program={"x": {}},
+                                 config={"program": {"kind": "value"}}), _load("h1s7")),
+     HistoryError, r"program was defined in a notebook"),
+    ("export of a run still going",
+     lambda m, t: (_history_with("running"), __import__("dspex_jupyter").to_mlflow("h1s7")),
+     RunNotFinished, r"run h1s7 is still running"),
+    ("runs since a date that is not one",
+     lambda m, t: _history_with("completed").runs(since="next week"),
+     InvalidSpec, r"since='next week' is not a date"),
+    ("a history written by a newer dspex", lambda m, t: _newer_history(),
+     HistoryError, r"written by a newer dspex-jupyter"),
+]  # fmt: skip
+CATALOGUE += RUN_HISTORY
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "pattern"), [pytest.param(a, e, p, id=i) for i, a, e, p in RUN_HISTORY]
+)
+def test_run_history_bad_input_gets_a_dspex_error_with_a_hint(
+    manager, tmp_path, action, error, pattern
+):
+    with pytest.raises(error, match=pattern) as info:
+        action(manager, tmp_path)
+    assert isinstance(info.value, DspexError) and info.value.hint.strip()
+
+
+# ---- remote kernelspecs and checkpoint mirroring (issue #16) ------------------------------
+def _kernelspec(kind: str, tmp: Path, **options):
+    from dspex_jupyter.core.kernelspecs import write_kernelspec
+
+    return write_kernelspec(kind, "remote_x", home=tmp, **options)
+
+
+def _reused_kernel_folder(manager, tmp: Path):
+    """A second run told to write the kernel-side folder a first run already holds."""
+    task = mh.task()
+    used = tmp / "kernel-side"
+    used.mkdir()
+    write_json_atomic(used / "run.json", {"run_id": "old"})
+    optimizer = MIPROv2(manager["bad"], metric=task.metric, task_lm=task.lm(), **mh.OPTIONS)
+    folders = {"checkpoint_dir": tmp / "notebook", "kernel_checkpoint_dir": used}
+    return optimizer.optimize(task.make_program(), task.trainset, task.valset, **folders)
+
+
+from dspex_jupyter.core.errors import KernelspecError  # noqa: E402
+
+REMOTE = [
+    ("ssh kernelspec without hosts",
+     lambda m, t: _kernelspec("ssh", t, remote_python="/opt/py/bin/python", hosts=""),
+     KernelspecError, r"an SSH kernelspec needs at least one host"),
+    ("ssh kernelspec of an unknown environment",
+     lambda m, t: _kernelspec("ssh", t, env="nope", hosts="gpu1"),
+     EnvironmentNotFound, r"no dspex environment named 'nope'"),
+    ("k8s kernelspec with a bad image", lambda m, t: _kernelspec("k8s", t, image="My Image"),
+     KernelspecError, r"invalid image reference 'My Image'"),
+    ("docker kernelspec without an image", lambda m, t: _kernelspec("docker", t, image=""),
+     KernelspecError, r"a container kernelspec needs an image"),
+    ("kernel-side checkpoint folder that holds a run", _reused_kernel_folder,
+     RemoteError, r"already holds a run"),
+]  # fmt: skip
+CATALOGUE += REMOTE
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "pattern"), [pytest.param(a, e, p, id=i) for i, a, e, p in REMOTE]
+)
+def test_remote_kernel_bad_input_gets_a_dspex_error_with_a_hint(
+    manager, tmp_path, action, error, pattern
+):
+    with pytest.raises(error, match=pattern) as info:
+        action(manager, tmp_path)
+    assert isinstance(info.value, DspexError) and info.value.hint.strip()
+    assert not (tmp_path / "notebook" / "run.json").exists()  # nothing half-started here
+
+
+# ---- remote pools: encryption (core/kernel_source.py) -----------------------------------
+def _unencrypted_remote_pool(manager, tmp_path):
+    """A kernelspec for gateway_provisioners' SSH provisioner that does not declare Curve:
+    refused before anything is launched (no SSH host needed)."""
+    folder = Path(os.environ["DSPEX_HOME"]) / "share" / "jupyter" / "kernels" / "plain-ssh"
+    folder.mkdir(parents=True)
+    spec = {
+        "argv": ["/opt/py/bin/python", "-m", "dspex_jupyter.runtime.remote_launcher"],
+        "display_name": "plain",
+        "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "distributed-provisioner"}},
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    PoolManager([PoolSpec("plain", kernel="plain-ssh")]).start()
+
+
+from dspex_jupyter.core.errors import TransportNotEncrypted  # noqa: E402
+
+REMOTE_TRANSPORT = [
+    ("remote pool whose kernelspec does not declare Curve", _unencrypted_remote_pool,
+     TransportNotEncrypted, r"(?s)traffic must be encrypted.*allow_unencrypted='plain'"),
+    ("allow_unencrypted naming another pool",
+     lambda m, t: PoolSpec("gpu", kernel="k", allow_unencrypted="other"),
+     InvalidSpec, r"allow_unencrypted must be the pool's own name, got 'other'"),
+]  # fmt: skip
+CATALOGUE += REMOTE_TRANSPORT
+
+
+@pytest.mark.parametrize(
+    ("action", "error", "pattern"),
+    [pytest.param(a, e, p, id=i) for i, a, e, p in REMOTE_TRANSPORT],
+)
+def test_remote_transport_bad_input_gets_a_dspex_error_with_a_hint(
+    manager, tmp_path, action, error, pattern
+):
+    with pytest.raises(error, match=pattern) as info:
+        action(manager, tmp_path)
+    assert isinstance(info.value, DspexError) and info.value.hint.strip()
+    assert manager["bad"].call(len, [1, 2]) == 2  # the running pool is untouched

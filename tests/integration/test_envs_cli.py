@@ -7,8 +7,11 @@ in a temporary DSPEX_HOME.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import platform
+import re
 import stat
 import subprocess
 import sys
@@ -80,12 +83,51 @@ def run_env_python(env_dir: Path, code: str) -> str:
     return proc.stdout.strip()
 
 
-def test_create_reports_progress_and_result(
+def test_create_reports_one_line_per_step_and_logs_pip(
     created: subprocess.CompletedProcess[str], env_dir: Path
 ) -> None:
-    assert "installing packages" in created.stderr  # progress on stderr
-    assert "Successfully installed" in created.stderr  # pip's own output streamed
+    lines = created.stderr.splitlines()
+    assert lines[:5] == [  # progress on stderr, one line per step (not a terminal: no counts)
+        "[1/5] dspex runtime wheel",
+        f"[2/5] virtual environment (Python {platform.python_version()})",
+        "[3/5] installing packages (pip)",
+        f"[4/5] registering the kernelspec ({envs.env_kernel_name(NAME)})",
+        f"[5/5] recording the lock file ({envs.LOCK_FILE})",
+    ]
+    assert re.fullmatch(rf"created environment '{NAME}' \(\d+ packages\) in \d+ s", lines[5])
+    assert len(lines) == 6, created.stderr  # nothing else: pip's output is in the log
+    assert "kernelspec may not be found" not in created.stderr + created.stdout
     assert str(env_dir) in created.stdout
+    log = env_dir / envs.INSTALL_LOG
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    text = log.read_text()
+    assert "Successfully installed" in text and "six" in text  # pip's own output
+    assert "may not be found" not in text and "is expected" in text  # the note instead
+
+
+def test_terminal_progress_counts_pip_lines_in_place() -> None:
+    """On a terminal the packages step's line is rewritten with pip's count."""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    progress = envs.TerminalProgress(out)
+    steps = envs._Steps("demo", "create", progress)
+    steps.begin("packages", "pip")
+    counter = envs._PipCounter(steps)
+    for line in ("Collecting six", "Processing ./x.whl", "Installing collected packages: six, x"):
+        counter(line)
+    steps.begin("kernelspec", "dspex-demo")
+    assert out.getvalue().split("\n") == [
+        "[3/5] installing packages (pip)",
+        "\r\x1b[K[3/5] installing packages: 1 collected"
+        "\r\x1b[K[3/5] installing packages: 2 collected"
+        "\r\x1b[K[3/5] installing packages: installing 2 packages",
+        "[4/5] registering the kernelspec (dspex-demo)",
+        "",
+    ]
 
 
 def test_environment_has_its_packages_and_is_isolated(env_dir: Path) -> None:
@@ -186,6 +228,27 @@ def test_failed_create_leaves_nothing(home: Path, env_dir: Path) -> None:
     assert len(list((home / "cache" / "runtime-wheels").glob("*/*.whl"))) == 1
 
 
+def test_failed_install_names_its_log(home: Path, env_dir: Path, tmp_path: Path) -> None:
+    """A package that cannot be installed (a local path that does not exist: no network
+    needed): the error quotes pip and names the log that holds all of its output."""
+    missing = tmp_path / "no-such-package"
+    proc = dspex(home, "env", "create", "badpath", "--package", str(missing), check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines[2] == "[3/5] installing packages (pip)"  # progress up to the failing step
+    error = "\n".join(lines[3:])
+    assert error.startswith("error: installing packages into environment 'badpath' failed")
+    assert f"'{missing}' does not exist" in error  # pip's own words
+    log = home / "envs" / ".logs" / "badpath.log"
+    assert f"the whole output: {log}" in error and f"the whole output is in {log}" in error
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    assert str(missing) in log.read_text()
+    assert not (home / "envs" / "badpath").exists()
+    assert [env["name"] for env in json.loads(dspex(home, "env", "list", "--json").stdout)] == [
+        NAME
+    ]  # the kept log is not taken for an environment
+
+
 def test_rebuild_recreates_from_the_lock(home: Path, env_dir: Path) -> None:
     before = (env_dir / envs.LOCK_FILE).read_text()
     dspex(home, "env", "rebuild", NAME)
@@ -195,6 +258,31 @@ def test_rebuild_recreates_from_the_lock(home: Path, env_dir: Path) -> None:
     assert (env_dir / envs.LOCK_FILE).read_text() == before
     run_env_python(env_dir, "import six, ipykernel, dspex_jupyter.runtime")
     assert not [p for p in (home / "envs").iterdir() if p.name.startswith(".rebuild-")]
+
+
+def test_refresh_runtime_installs_the_runtime_in_place(home: Path, env_dir: Path) -> None:
+    """Only the runtime is reinstalled (what the tutorials do when dspex-jupyter changed):
+    the other packages and the folder stay."""
+    lock_before = (env_dir / envs.LOCK_FILE).read_text().splitlines()
+    python_before = (env_dir / "bin" / "python").stat().st_ino
+    steps: list[envs.EnvStep] = []
+    envs.refresh_runtime(NAME, home, progress=steps.append)
+    assert [(s.step, s.action) for s in steps if not s.update] == [
+        ("runtime", "refresh"),
+        ("packages", "refresh"),
+        ("lock", "refresh"),
+        ("done", "refresh"),
+    ]
+    record = json.loads((env_dir / envs.RECORD_FILE).read_text())
+    sha256 = record["runtime_wheel"]["sha256"]
+    assert "refreshed" in record and f"sha256={sha256}" in "\n".join(record["lock"])
+    cached = (home / "cache" / "runtime-wheels").glob("*/*.whl")
+    assert sha256 in {envs._file_sha256(wheel) for wheel in cached}  # the wheel it installed
+    lock = (env_dir / envs.LOCK_FILE).read_text().splitlines()
+    assert [x for x in lock if "dspex" not in x] == [x for x in lock_before if "dspex" not in x]
+    assert (env_dir / "bin" / "python").stat().st_ino == python_before  # not recreated
+    assert "--force-reinstall --no-deps" in (env_dir / envs.INSTALL_LOG).read_text()
+    run_env_python(env_dir, "import six, dspex_jupyter.runtime")
 
 
 FAKE_UV = """\

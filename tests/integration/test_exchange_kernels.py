@@ -341,8 +341,8 @@ def test_a_result_that_cannot_come_back_is_a_named_serialization_error(manager):
     from dspex_jupyter import RemoteError, SerializationError
 
     with pytest.raises(SerializationError) as info:
-        manager["xchg"].call("threading:Lock")
+        manager["xchg"].call("sqlite3:connect", ":memory:")
     assert isinstance(info.value, RemoteError)  # raised in the kernel, with its traceback
-    assert "cannot pickle '_thread.lock' object): lock <unlocked _thread" in str(info.value)
+    assert "cannot pickle 'sqlite3.Connection' object): Connection <sqlite3" in str(info.value)
     assert info.value.hint.startswith("return data from the kernel")
     assert manager["xchg"].call(f"{X}:identity", 2**100) == 2**100  # the kernel still serves

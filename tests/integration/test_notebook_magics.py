@@ -160,6 +160,37 @@ def test_pool_dashboard_restarts_kernels_and_releases_sessions(ip, capsys):
     assert "PoolDashboard" in capsys.readouterr().out  # displayed (as text in a shell)
 
 
+def test_env_create_shows_its_steps_and_a_pool_starts_from_it(ip, capsys, tmp_path, monkeypatch):
+    """%dspex env create with a real venv and pip: one line per step (no widget frontend in
+    this shell), pip's output in the log; a pool runs the environment's Python; remove."""
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path))
+    dspex(ip, "env create nb-env --package six")
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line[:5] for line in lines[:5]] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert re.fullmatch(r"created environment 'nb-env' \(\d+ packages\) in \d+ s", lines[5])
+    assert len(lines) == 6, err
+    assert out == (
+        "environment 'nb-env' is ready (kernel dspex-nb-env); "
+        "start a pool on it with %dspex start POOL --env nb-env\n"
+    )
+    env_dir = tmp_path / "envs" / "nb-env"
+    assert "Successfully installed" in (env_dir / "dspex-install.log").read_text()
+    dspex(ip, "env list")
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert row[0] == "nb-env" and row[-1] == "six" and int(row[3]) > 10
+    dspex(ip, "start envpool --env nb-env")
+    try:
+        python = registry.find_pool("envpool").call(lambda: __import__("sys").executable)
+        assert python == str(env_dir / "bin" / "python")
+    finally:
+        dspex(ip, "stop envpool")
+    capsys.readouterr()
+    dspex(ip, "env remove nb-env")
+    assert capsys.readouterr().out == "environment 'nb-env' removed\n"
+    assert not env_dir.exists()
+
+
 def test_gpu_widget_without_a_gpu_shows_kernel_memory(ip):
     widget = GpuMemoryWidget()
     try:

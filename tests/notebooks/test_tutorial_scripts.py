@@ -15,6 +15,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_TUTORIAL = REPO / "scripts" / "run_tutorial.py"
+SAVE_TUTORIALS = REPO / "scripts" / "save_tutorials.py"
 GPU_CHECK = REPO / "scripts" / "gpu_check.py"
 
 
@@ -75,6 +76,42 @@ def test_run_tutorial_fails_on_a_failing_cell_and_keeps_what_ran(tmp_path):
     executed = nbformat.read(out, as_version=4)
     assert executed.cells[1].outputs[0]["output_type"] == "error"
     assert executed.cells[2].outputs == []
+
+
+@pytest.mark.integration
+def test_save_tutorials_stores_widget_state_with_fallbacks_and_no_machine_paths(tmp_path):
+    home = tmp_path / "home"
+    notebook = write_notebook(
+        tmp_path / "widgets.ipynb",
+        new_code_cell(
+            "import ipywidgets as w\n"
+            "bar = w.IntProgress(value=3, max=8, description='search')\n"
+            "w.VBox([w.HTML('<b>trial 3/8</b> &middot; 1 full evaluation'), bar])"
+        ),
+        new_code_cell(
+            "import os, tempfile\n"
+            f"print(os.environ['DSPEX_HOME'] + '/envs/tut-opt/bin/python')\n"
+            f"print({str(REPO)!r} + '/notebooks')\n"
+            "print(tempfile.gettempdir() + '/dspex-abc/kernel.sock')"
+        ),
+    )
+    done = run_script(str(SAVE_TUTORIALS), "--no-setup", str(notebook), home=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 widget output(s) with a static fallback" in done.stdout
+    saved = nbformat.read(notebook, as_version=4)
+    state = saved.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    data = saved.cells[0].outputs[0]["data"]
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    assert data["text/plain"] == "trial 3/8 · 1 full evaluation\nsearch"  # not VBox(children=
+    assert (
+        '<progress value="3" max="8">' in data["text/html"]
+        and "<b>trial 3/8</b>" in data["text/html"]
+    )
+    assert saved.cells[1].outputs[0]["text"].splitlines() == [
+        "$DSPEX_HOME/envs/tut-opt/bin/python",
+        "$REPO/notebooks",
+        "$TMPDIR/dspex-abc/kernel.sock",
+    ]
 
 
 def test_run_tutorial_usage_errors(tmp_path):

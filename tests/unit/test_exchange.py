@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -506,7 +506,7 @@ def test_deep_nesting_is_refused():
 def test_failed_encoding_leaves_no_files(folder):
     out = Outgoing(ExchangeConfig(**SMALL, folder=str(folder)))
     with pytest.raises(TypeError):
-        out.encode([b"x" * 5000, threading.Lock()])  # the bytes went to a file first
+        out.encode([b"x" * 5000, sqlite3.connect(":memory:")])  # the bytes went to a file first
     assert os.listdir(folder) == [] and out.files == []
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from dspex_jupyter.core import memory_limits
+from dspex_jupyter.runtime import proc_tree
 
 CHILD = (
     "import sys\n"
@@ -21,15 +22,15 @@ CHILD = (
 
 @pytest.mark.parametrize("children_files", [True, False])
 def test_tree_rss_counts_a_child(monkeypatch, children_files):
-    if children_files and not memory_limits._children_files_exist():
+    if children_files and not proc_tree.has_children_files():
         pytest.skip("this kernel has no /proc/<pid>/task/<tid>/children")
-    monkeypatch.setattr(memory_limits, "_children_files_exist", lambda: children_files)
+    monkeypatch.setattr(proc_tree, "has_children_files", lambda: children_files)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
-        alone = memory_limits._rss(os.getpid())
+        alone = proc_tree.statm_rss(os.getpid())
         tree = memory_limits.process_tree_rss(os.getpid(), memory_limits._Descendants())
         assert tree >= alone + 60_000_000
     finally:

@@ -78,7 +78,12 @@ def test_dashboard_shows_phases_chart_candidates_and_usage(planned_run):
     assert chart.count('class="trial full"') == 3
     assert chart.count('class="trial minibatch"') == 4
     assert chart.count('class="best-so-far"') == 1
-    assert "trial 7 (minibatch): 55" in chart
+    # Placed on the trial axis as the header counts: the baseline at 0, minibatch trial k at
+    # k, a full evaluation at the trial it follows (evaluation 7 is minibatch trial 4).
+    assert "trial 4 (minibatch): 55" in chart and "trial 5 (" not in chart
+    assert "baseline (full evaluation): 45" in chart
+    assert "full evaluation after trial 1: 55" in chart
+    assert re.findall(r'class="x-tick"[^>]*>(\d+)<', chart) == ["0", "1", "2", "3", "4"]
     # Candidates with their mean scores (instruction index = trial number % 4), under the
     # predictor's name; the best full evaluation (trial 3: instruction 3, demo set 0) wins.
     table = dashboard.candidates.value
@@ -205,7 +210,7 @@ def test_events_are_coalesced_into_at_most_ten_redraws_a_second(run, dashboard):
     assert dashboard.redraw_count <= elapsed * 10 + 2, (dashboard.redraw_count, elapsed)
     # The final state is drawn: every trial, the last usage.
     chart = dashboard.chart.value
-    assert "trial 5000 (full): 50" in chart
+    assert "full evaluation after trial 4000: 50" in chart  # 1000 of the 5000 are full
     assert chart.count('class="trial') == 5000
     assert "LM calls</b> 5,000" in dashboard.usage.value
 
@@ -241,7 +246,7 @@ def test_resumed_run_charts_the_trials_of_its_snapshot(tmp_path):
         drawn(board)
         chart = board.chart.value
         assert chart.count('class="trial') == 4
-        assert "trial 2 (minibatch): 60" in chart and "trial 4 (minibatch): 70" in chart
+        assert "trial 1 (minibatch): 60" in chart and "trial 2 (minibatch): 70" in chart
     finally:
         board.close()
 
@@ -357,7 +362,8 @@ def test_checkpoint_button_runs_on_a_thread_and_reports(run):
     run.checkpoint_gate.set()
     assert controls.wait_idle(WAIT)
     assert "checkpoint written: ckpt-000001.json" in controls.outcome.value
-    assert "trial 5" in controls.outcome.value
+    # Five evaluations, two of them full: trial 3, as the dashboard's header counts.
+    assert "(trial 3, run" in controls.outcome.value
     assert states(controls) == {"checkpoint": False, "cancel": False, "resume": True}
 
 
@@ -386,7 +392,7 @@ def test_cancel_button_reports_the_trial_and_enables_resume(run):
     controls.cancel_button.click()  # confirmed
     assert controls.wait_idle(WAIT)
     assert run.cancel_calls == 1
-    assert "cancelled at trial 5" in controls.outcome.value
+    assert "cancelled at trial 3;" in controls.outcome.value  # as the header counts
     assert "ckpt-000001.json" in controls.outcome.value
     assert states(controls) == {"checkpoint": True, "cancel": True, "resume": False}
 
@@ -431,7 +437,8 @@ def test_resume_button_makes_the_dashboard_follow_the_new_run(run, monkeypatch):
         new_run.emit("trial", number=4, eval="minibatch", score=90.0, best_score=45.0, params={})
         drawn(board)
         chart = board.chart.value
-        assert "trial 4 (minibatch): 90" in chart and "trial 5 (" not in chart
+        # Evaluations 1-3 of the snapshot (trial 1), then minibatch trial 2 of the new run.
+        assert "trial 2 (minibatch): 90" in chart and chart.count('class="trial') == 4
         assert not board.controls.cancel_button.disabled  # the new run runs
         assert re.search(r"status <b[^>]*>running", board.header.value)
     finally:

@@ -11,7 +11,14 @@ import os
 import sys
 from types import SimpleNamespace
 
-from dspex_jupyter.core.gpu import gpu_memory, kernel_memory_rows, kernel_refs
+from dspex_jupyter.core.gpu import (
+    gpu_memory,
+    kernel_memory_rows,
+    kernel_refs,
+    merge_gpu_states,
+    remote_devices,
+    with_remote_devices,
+)
 from dspex_jupyter.notebook.gpu_widget import GpuMemoryWidget
 from tests.unit.test_notebook_fakes import FakeManager, FakeNvml
 
@@ -91,7 +98,7 @@ def test_widget_without_gpu_shows_kernel_rss_against_max_memory():
     try:
         body = widget.body.value
         assert "<b>No GPU</b>" in body and "NVML Shared Library Not Found" in body
-        assert "fakepool/0" in body and "300.0 MiB / 1.0 GiB" in body
+        assert "fakepool/0" in body and "300.0 MiB / 1GiB" in body
     finally:
         widget.close()
 
@@ -111,3 +118,62 @@ def test_widget_with_mocked_gpu_and_its_refresh_timer():
         widget.close()
     widget.timer._thread.join(5)
     assert not widget.timer.running  # closing the widget stopped it
+
+
+def _remote_row(kernel_id, host, remote_pid, used, kernel_used):
+    """A health row of a kernel on another machine: its runtime measured its host's GPU."""
+    gpu = {
+        "available": True,
+        "source": "nvml",
+        "devices": [{"index": 0, "name": "H200", "used": used, "total": 100, "kernel_used": 0}],
+    }
+    gpu["devices"][0]["kernel_used"] = kernel_used
+    return {
+        "id": kernel_id,
+        "pid": None,
+        "figures": "kernel",
+        "host": host,
+        "remote_pid": remote_pid,
+        "gpu": gpu,
+    }
+
+
+def test_gpus_of_other_machines_come_from_their_kernels_reports():
+    """No GPU here (mocked away); two kernels on gpu1 share its device 0, one on gpu2."""
+    health = [
+        {
+            "name": "remote",
+            "kernels": [
+                _remote_row("k0", "gpu1", 11, used=40, kernel_used=30),
+                _remote_row("k1", "gpu1", 12, used=45, kernel_used=10),
+                _remote_row("k2", "gpu2", 21, used=5, kernel_used=5),
+                {"id": "k3", "pid": 99, "figures": "local", "gpu": None},
+            ],
+        }
+    ]
+    here = {"available": False, "source": "none", "reason": "NVML sees no GPU", "devices": []}
+    state = with_remote_devices(here, health)
+    assert state["available"] and state["source"] == "kernel"
+    gpu1, gpu2 = state["devices"]
+    assert (gpu1["host"], gpu1["index"], gpu1["name"], gpu1["used"]) == (
+        "gpu1",
+        0,
+        "H200 on gpu1",
+        45,
+    )
+    assert [(k["kernel"], k["pid"], k["used"]) for k in gpu1["kernels"]] == [
+        ("k0", 11, 30),
+        ("k1", 12, 10),
+    ]
+    assert gpu2["host"] == "gpu2" and [k["kernel"] for k in gpu2["kernels"]] == ["k2"]
+    # With a GPU here too, both show; the widget names where each one is.
+    local = {
+        "available": True,
+        "source": "nvml",
+        "reason": "",
+        "devices": [{"index": 0, "name": "L4", "used": 1, "total": 2, "kernels": []}],
+    }
+    both = with_remote_devices(local, health)
+    assert [d.get("host") for d in both["devices"]] == [None, "gpu1", "gpu2"]
+    assert merge_gpu_states([both, both])["devices"][1]["kernels"][0]["kernel"] == "k0"
+    assert remote_devices([{"name": "p", "kernels": [{"id": "k", "figures": "local"}]}]) == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -16,7 +17,18 @@ from dspex_jupyter.optimizers import mipro
 from tests.unit.test_notebook_fakes import FakeManager, FakeNvml, FakeRun, feed_typical_run
 
 WAIT = 10.0
-POOL_KEYS = {"name", "source", "size", "max_memory", "deaths", "last_error", "kernels", "sessions"}
+POOL_KEYS = {
+    "name",
+    "source",
+    "size",
+    "max_memory",
+    "deaths",
+    "last_error",
+    "kernels",
+    "sessions",
+    "session_names",
+}
+TOP_KEYS = {"time", "pools", "runs", "gpu", "sessions_active", "cwd"}
 KERNEL_KEYS = {"id", "pid", "state", "session", "rss", "uptime", "calls_served"}
 RUN_KEYS = {
     "run_id",
@@ -32,6 +44,8 @@ RUN_KEYS = {
     "pool",
     "checkpoint_dir",
     "error",
+    "optimizer",
+    "progress_items",
 }
 
 
@@ -87,11 +101,13 @@ def test_snapshot_follows_the_documented_schema():
     run = FakeRun("run42")
     feed_typical_run(run, trials=4)
     run.error = RuntimeError("first line\nsecond line")
+    run.session.id = "s1"  # the run holds the pool's session: the sidebar names it so
     # MOCK NVML: no GPU here.
     state = snapshot([FakeManager()], [run], nvml=FakeNvml({4242: 2**30}))
-    assert set(state) == {"time", "pools", "runs", "gpu", "sessions_active"}
+    assert set(state) == TOP_KEYS and state["cwd"] == os.getcwd()
     (pool,) = state["pools"]
     assert set(pool) == POOL_KEYS and pool["sessions"] == ["s1"] and pool["deaths"] == 1
+    assert pool["session_names"] == {"s1": "run run42"}
     assert all(set(k) == KERNEL_KEYS for k in pool["kernels"])
     (summary,) = state["runs"]
     assert set(summary) == RUN_KEYS
@@ -113,7 +129,7 @@ def test_pool_dashboard_renders_pools_and_offers_their_kernels_and_sessions():
     try:
         table = board.table.value
         assert "fakepool" in table and "fakepool/1" in table and "1 deaths" in table
-        assert "300.0 MiB / 1.0 GiB" in table
+        assert "300.0 MiB / 1GiB" in table  # the limit in the unit that holds it exactly
         assert [v for _, v in board.kernel_picker.options] == [
             ("fakepool", "fakepool/0"),
             ("fakepool", "fakepool/1"),
@@ -160,17 +176,42 @@ def test_register_uses_the_dspex_lab_target(bridge):
         def unregister_target(self, name, handler):
             registered.pop(name)
 
-    bridge.register(FakeCommManager())
+    opened: list[tuple[FakeComm, dict[str, Any]]] = []
+
+    def create_comm(**kwargs: Any) -> FakeComm:
+        comm = FakeComm()
+        opened.append((comm, kwargs))
+        return comm
+
+    bridge.register(FakeCommManager(), create_comm)
     assert registered == {TARGET_NAME: bridge.open} and TARGET_NAME == "dspex.lab"
+    # The kernel opens a comm of its own at once and sends states on it from its thread,
+    # so a sidebar needs no answer from a busy shell.
+    ((comm, kwargs),) = opened
+    assert kwargs == {"target_name": TARGET_NAME, "data": {"type": "hello", "version": 1}}
+    assert set(comm.states()[0]["state"]) == TOP_KEYS - {"cwd"}  # the fixture's state
+    assert bridge._thread is not None and bridge._thread.is_alive()
     bridge.unregister()
-    assert registered == {}
+    assert registered == {} and comm.closed
+
+
+def test_announce_without_a_frontend_does_nothing(bridge):
+    def no_frontend(**kwargs: Any) -> Any:
+        raise RuntimeError("no kernel")
+
+    assert bridge.announce(no_frontend) is None
+    assert bridge._thread is None
 
 
 def test_state_is_sent_on_open_and_when_something_changed(bridge, state_box):
     comm = FakeComm()
     bridge.open(comm, {"content": {"data": {}}})
+    # ipykernel sends this comm's incoming messages to the subshell they came on (not the
+    # main shell, busy with a cell), whoever sent on the comm last.
+    route = comm._reply_subshell_for
+    assert route({"type": "action"}, "subshell-1") == "subshell-1"
     first = comm.states()[0]
-    assert set(first["state"]) == {"time", "pools", "runs", "gpu", "sessions_active"}
+    assert set(first["state"]) == TOP_KEYS - {"cwd"}  # the fixture's state
     state_box["state"] = {**state_box["state"], "sessions_active": 3}
     changed = comm.wait_for(lambda m: m["type"] == "state" and m["state"]["sessions_active"] == 3)
     assert changed["state"]["time"] >= first["state"]["time"]
@@ -219,13 +260,13 @@ def test_the_four_actions_and_nothing_else(bridge, monkeypatch):
         "type": "action_result",
         "id": 1,
         "ok": True,
-        "message": "checkpoint written: ckpt-000001.json (trial 3, run labrun1)",
+        "message": "checkpoint written: ckpt-000001.json (trial 1, run labrun1)",
     }
     comm.message(
         {"type": "action", "id": 2, "action": "cancel_run", "target": {"run_id": "labrun1"}}
     )
     reply = comm.result(2)
-    assert reply["ok"] and reply["message"].startswith("cancelled at trial 3")
+    assert reply["ok"] and reply["message"].startswith("cancelled at trial 1")
     assert run.cancel_calls == 1
     comm.message(
         {"type": "action", "id": 3, "action": "cancel_run", "target": {"run_id": "labrun1"}}

@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     "attach",
     "cancel",
     "checkpoint",
+    "env",
     "envs",
     "gpu",
     "health",
@@ -98,6 +99,10 @@ def test_overview_lists_every_subcommand(ip, capsys):
         ("attach nosuchrun", "dspex: no optimization run called 'nosuchrun'"),
         ("release nosuchsession", "dspex: no session named 'nosuchsession'"),
         ("run p", "dspex: %%dspex run is a cell magic"),
+        ("env create bad/name", "dspex: invalid environment name 'bad/name'"),
+        ("env rebuild", "dspex: env rebuild needs the environment's NAME"),
+        ("env list extra", "dspex: env list takes no NAME (got 'extra')"),
+        ("env remove x --package six", "dspex: --package, --requirements and --python are for"),
     ],
 )
 def test_bad_arguments_give_one_clear_line(ip, capsys, line, expected):
@@ -281,6 +286,98 @@ def test_a_misspelt_environment_gets_did_you_mean_and_the_list(ip, capsys, tmp_p
     )
 
 
+def make_full_environment(home, name, packages=(), lock=3, version="0.1.0"):
+    """A finished-looking environment whose record has what `env list` shows."""
+    import json
+
+    from dspex_jupyter.core.envs import RECORD_FILE, envs_dir
+
+    make_environment(home, name)
+    record = {
+        "name": name,
+        "packages": list(packages),
+        "python": {"version": "3.11.7"},
+        "dspex_jupyter_version": version,
+        "lock": [f"pkg{i}==1.0" for i in range(lock)],
+    }
+    (envs_dir(home) / name / RECORD_FILE).write_text(json.dumps(record))
+
+
+def test_env_actions_get_did_you_mean(ip, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path))
+    dspex(ip, "env creat demo")
+    assert capsys.readouterr().err.splitlines() == [
+        "dspex: unknown env action 'creat'",
+        "  hint: did you mean 'create'? use one of: create, list, remove, rebuild",
+    ]
+    make_full_environment(tmp_path, "tut-light")
+    dspex(ip, "env remove tut-lihgt")
+    assert capsys.readouterr().err.splitlines()[1] == (
+        "  hint: did you mean 'tut-light'? environments: tut-light; "
+        "or create it with: %dspex env create tut-lihgt"
+    )
+    dspex(ip, "env rebuild nothing-close")
+    assert capsys.readouterr().err.splitlines()[1] == (
+        "  hint: environments: tut-light; or create it with: %dspex env create nothing-close"
+    )
+    assert (tmp_path / "envs" / "tut-light").is_dir()  # nothing was touched
+
+
+def test_env_list_is_a_table_of_python_runtime_and_packages(ip, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path))
+    dspex(ip, "env list")
+    assert capsys.readouterr().out.startswith("no dspex environments in ")
+    make_full_environment(tmp_path, "tut-opt", ["dspy==3.4.1", "optuna"], lock=61)
+    make_full_environment(tmp_path, "tut-light", lock=32, version="0.0.9")
+    (tmp_path / "envs" / "half").mkdir()  # a create that died: no record
+    dspex(ip, "env list")
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in lines] == [
+        ["name", "Python", "dspex", "runtime", "packages", "asked", "for"],
+        ["half", "not", "usable", "-", "-", "its", "creation", "did", "not", "finish", "(no",
+         "record", "file)"],
+        ["tut-light", "3.11.7", "0.0.9", "32", "-"],
+        ["tut-opt", "3.11.7", "0.1.0", "61", "dspy==3.4.1", "optuna"],
+    ]  # fmt: skip
+    assert lines[0].index("packages") == lines[3].index("61")  # aligned columns
+    from dspex_jupyter.notebook.envs_table import envs_table
+
+    html = envs_table()._repr_html_()
+    assert html.count("<tr>") == 4 and "<th" in html and "dspex runtime" in html
+    dspex(ip, "envs")  # the older spelling shows the same table
+    assert "tut-opt" in capsys.readouterr().out
+
+
+def test_env_remove_removes_the_folder_and_says_so(ip, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path))
+    make_full_environment(tmp_path, "gone")
+    dspex(ip, "env remove gone")
+    assert capsys.readouterr().out == "environment 'gone' removed\n"
+    assert not (tmp_path / "envs" / "gone").exists()
+
+
+def test_env_progress_bar_follows_the_steps():
+    from dspex_jupyter.core.envs import STEPS, EnvStep
+    from dspex_jupyter.notebook.env_progress import EnvProgressBar
+
+    bar = EnvProgressBar()
+    try:
+        assert (bar.bar.value, bar.bar.max) == (0, len(STEPS)) and "starting" in bar.label.value
+        bar(EnvStep("tut-opt", "create", "packages", 3, 5, "installing packages (pip)"))
+        assert bar.bar.value == 2  # runtime wheel and venv done
+        bar(EnvStep("tut-opt", "create", "packages", 3, 5, "installing packages: 7 collected",
+                    count=7, update=True))  # fmt: skip
+        assert "<b>tut-opt</b> · [3/5] installing packages: 7 collected" in bar.label.value
+        assert repr(bar) == "environment tut-opt: [3/5] installing packages: 7 collected"
+        bar(EnvStep("tut-opt", "create", "done", 5, 5, "created environment 'tut-opt' in 40 s"))
+        assert (bar.bar.value, bar.bar.bar_style) == (5, "success")
+        assert "created environment &#x27;tut-opt&#x27; in 40 s" in bar.label.value
+        bar(EnvStep("x", "create", "failed", 3, 5, "installing packages failed"))
+        assert bar.bar.bar_style == "danger" and "error-color" in bar.label.value
+    finally:
+        bar.close()
+
+
 class PoolsOf:
     """A manager stand-in holding pools by name (what find_pool and `pools` read)."""
 
@@ -421,12 +518,52 @@ def test_memory_limits_are_shown_in_the_unit_given():
     registry.remember_memory_text("sized", "512MB", parse_memory("512MB"))
     try:
         assert registry.memory_text("sized", 512_000_000) == "512MB"
-        assert registry.memory_text("sized", 2**30) == "1.0 GiB"  # restarted with another
-        assert registry.memory_text("other", 512_000_000) == "488.3 MiB"
+        assert registry.memory_text("sized", 2**30) == "1GiB"  # restarted with another
+        # Pools started in Python: the unit that holds the limit exactly.
+        assert registry.memory_text("other", 512_000_000) == "512MB"
+        assert registry.memory_text("other", 3 * 2**29) == "1536MiB"
         assert registry.memory_text("sized", None) == "no limit"
     finally:
         registry.remember_memory_text("sized", None, None)
-    assert registry.memory_text("sized", 512_000_000) == "488.3 MiB"
+    assert registry.memory_text("sized", 512_000_000) == "512MB"
+    registry.remember_memory_text("typed", "4G", parse_memory("4G"))
+    try:
+        assert registry.memory_text("typed", 4 * 2**30) == "4G"  # exactly as typed
+    finally:
+        registry.remember_memory_text("typed", None, None)
+
+
+def test_pool_dashboard_shows_the_limit_as_given():
+    from dspex_jupyter.notebook.pool_dashboard import pools_html
+    from dspex_jupyter.notebook.snapshot import snapshot
+
+    from .test_notebook_fakes import FakeManager, FakeNvml
+
+    def html(limit):
+        return pools_html(snapshot([FakeManager(max_memory=limit)], [], nvml=FakeNvml({})))
+
+    assert "memory limit 512MB" in html(512_000_000) and " / 512MB" in html(512_000_000)
+    assert "488.3 MiB" not in html(512_000_000)
+    registry.remember_memory_text("fakepool", "0.5GB", 500_000_000)
+    try:
+        assert "memory limit 0.5GB" in html(500_000_000) and " / 0.5GB" in html(500_000_000)
+    finally:
+        registry.remember_memory_text("fakepool", None, None)
+    assert "no memory limit" in html(None)
+
+
+def test_format_limit_round_trips_and_picks_the_exact_unit():
+    from dspex_jupyter.core.spec import format_limit, parse_memory
+
+    for text, shown in [
+        ("512MB", "512MB"),
+        ("4GB", "4GB"),
+        ("2GiB", "2GiB"),
+        ("1.5GiB", "1536MiB"),
+    ]:
+        assert format_limit(parse_memory(text)) == shown
+        assert parse_memory(shown) == parse_memory(text)
+    assert format_limit(123_456_789) == "117.7 MiB"  # no exact unit: as format_bytes writes it
 
 
 def test_health_shows_the_limit_as_typed(ip, capsys, monkeypatch):

@@ -14,10 +14,10 @@ import pytest
 from dspex_jupyter.notebook.checkpoint_controls import CheckpointControls
 from dspex_jupyter.notebook.gpu_widget import GpuMemoryWidget
 from dspex_jupyter.notebook.html_render import format_score, html_table, usage_bar
-from dspex_jupyter.notebook.pool_dashboard import pools_html
+from dspex_jupyter.notebook.pool_dashboard import PoolDashboard, pools_html
 from dspex_jupyter.notebook.run_dashboard import RunDashboard
 from dspex_jupyter.notebook.run_progress import TrialPoint
-from dspex_jupyter.notebook.score_chart import score_axis, score_chart_svg
+from dspex_jupyter.notebook.score_chart import score_axis, score_chart_svg, trial_positions
 from dspex_jupyter.notebook.snapshot import snapshot
 from tests.unit.test_notebook_fakes import FakeManager, FakeNvml, FakeRun, feed_typical_run
 
@@ -92,6 +92,29 @@ def test_checkpoint_controls_status_line_uses_theme_colours():
         assert literal_colours(controls.outcome.value) == []
 
 
+def test_pool_dashboard_action_outcomes_use_theme_colours():
+    board = PoolDashboard([FakeManager()])
+    try:
+        for action in (lambda: "kernel fakepool/0 killed", lambda: 1 / 0):
+            board._idle.clear()
+            board._perform(action)
+            html = board.outcome.value
+            assert "var(--jp-" in html and literal_colours(html) == [], html
+        assert "error: ZeroDivisionError" in html and "error-color" in html
+    finally:
+        board.close()
+
+
+def test_env_progress_bar_uses_theme_colours():
+    from dspex_jupyter.core.envs import EnvStep
+    from dspex_jupyter.notebook.env_progress import step_html
+
+    for kind in ("packages", "done", "failed"):
+        html = step_html(EnvStep("tut-opt", "create", kind, 3, 5, "installing packages"))
+        assert "var(--jp-" in html and literal_colours(html) == [], html
+    assert literal_colours(step_html(None)) == []
+
+
 def test_tables_bars_and_memory_widgets_use_theme_colours():
     state = snapshot([FakeManager()], [], nvml=FakeNvml({4242: 2**30}))
     for html in (
@@ -121,7 +144,25 @@ def test_percent_scores_get_a_0_to_100_axis_with_title_and_gridlines():
     assert y_ticks(svg) == ["0", "20", "40", "60", "80", "100"]
     assert svg.count('class="grid"') == 6
     assert re.search(r'class="axis-title"[^>]*transform="rotate\(-90[^>]*>score<', svg)
-    assert "trial 2 (minibatch): 52</title>" in svg
+    assert "baseline (full evaluation): 37.5</title>" in svg
+    assert "trial 1 (minibatch): 52</title>" in svg
+
+
+def test_the_trial_axis_counts_trials_as_the_header_does():
+    """MIPROv2's num_trials counts minibatch trials; full evaluations sit at the trial they
+    follow, so the last minibatch of "trial 3/3" is at 3, as is the full evaluation after it."""
+    kinds = ["full", "minibatch", "minibatch", "full", "minibatch", "full"]
+    trials = [TrialPoint(n, kind, 50.0, 50.0) for n, kind in enumerate(kinds, start=1)]
+    assert trial_positions(trials) == [0, 1, 2, 2, 3, 3]
+    svg = score_chart_svg(trials, num_trials=6)
+    ticks = re.findall(r'class="x-tick"[^>]*>(\d+)<', svg)
+    assert ticks == ["0", "2", "4", "6"]  # round steps over the whole search from the start
+    assert re.search(r'class="axis-title"[^>]*>trial<', svg)
+    assert "full evaluation after trial 3: 50" in svg
+    # Without minibatches every evaluation is full: the baseline, then trials 1, 2.
+    full = [TrialPoint(n, "full", 50.0, 50.0) for n in (1, 2, 3)]
+    assert trial_positions(full) == [0, 1, 2]
+    assert trial_positions(full[:1] + trials[1:2], minibatch=False) == [0, 1]
 
 
 def test_a_single_point_is_not_blown_up_to_the_whole_axis():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -112,3 +113,19 @@ def test_runtime_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _HoldsLocks:
+    def __init__(self) -> None:
+        self.inner = {"lock": threading.Lock(), "rlock": [threading.RLock()]}
+
+
+def test_locks_at_any_depth_arrive_as_new_unlocked_locks():
+    value = _HoldsLocks()
+    value.inner["lock"].acquire()  # a held lock is this process's state: it does not travel
+    buffers: list[bytes] = []
+    back = protocol.decode_value(protocol.encode_value(value, buffers), buffers)
+    lock, rlock = back.inner["lock"], back.inner["rlock"][0]
+    assert type(lock) is type(threading.Lock()) and type(rlock) is type(threading.RLock())
+    assert lock.acquire(blocking=False)  # new and free
+    assert lock is not value.inner["lock"]

@@ -388,3 +388,94 @@ def test_mipro_v2_with_all_proposer_features_on_does_not_crash() -> None:
         max_labeled_demos=1,
     )
     assert task.evaluate(optimized, devset=task.valset) >= task.evaluate(devset=task.valset)
+
+
+# --------------------------------------------------------------------------- GEPA and SIMBA
+
+
+def _gepa_compile(task: Task) -> dspy.Module:
+    lm = task.lm()
+    optimizer = dspy.GEPA(
+        metric=task.feedback_metric, reflection_lm=lm, max_metric_calls=80, seed=0, track_stats=True
+    )
+    with dspy.context(lm=lm):
+        return optimizer.compile(task.make_program(), trainset=task.trainset, valset=task.valset)
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_feedback_metric_scores_and_teaches_a_lesson_when_wrong(name: str) -> None:
+    task = get_task(name, n_train=4, n_val=20)
+    field = task.knowledge.output_field
+    lessons_seen = set()
+    for ex in task.valset:
+        right = task.feedback_metric(ex, dspy.Prediction(**{field: ex[field]}), None, None, None)
+        assert (right.score, right.feedback.startswith("Correct")) == (1.0, True)
+        wrong_answer = task.knowledge.wrong(ex[task.knowledge.input_field], ex[field], 1)
+        wrong = task.feedback_metric(ex, dspy.Prediction(**{field: wrong_answer}))
+        assert wrong.score == 0.0 and str(ex[field]) in wrong.feedback
+        lesson = next(lesson for lesson in task.knowledge.lessons if lesson in wrong.feedback)
+        lessons_seen.add(lesson)
+    assert len(lessons_seen) >= 2  # different examples teach different lessons
+
+
+def test_reflection_turns_feedback_lessons_into_a_better_instruction() -> None:
+    from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+
+    lm = simulated_lm("arithmetic")
+    record = {"Inputs": {"question": "What is 2 + 3?"}, "Generated Outputs": {"answer": "6"}}
+    feedback = {
+        "wrong": "Incorrect: the expected answer is 5, not 6. Track each quantity in the problem.",
+        "right": "Correct: 5 is the expected answer.",
+    }
+
+    def propose(current: str, *notes: str) -> str:
+        dataset = {"p": [{**record, "Feedback": note} for note in notes]}
+        with dspy.context(lm=lm):
+            return InstructionProposer()({"p": current}, dataset, ["p"])["p"]
+
+    better = propose("Answer. Go with your first instinct.", feedback["wrong"], feedback["right"])
+    assert better == "Answer. Track each quantity in the problem."  # misleading sentence gone
+    assert propose("Answer.", feedback["right"]) == "Answer."  # nothing to learn
+    assert propose(better, feedback["wrong"]) == better  # lesson already learnt
+    assert accuracy(0.3, better, hints=("each quantity",)) > accuracy(0.3, "Answer.")
+    # gepa's own plain-text reflection template gets the same answer, in a ``` block.
+    from gepa.strategies.instruction_proposal import InstructionProposalSignature
+
+    prompt = InstructionProposalSignature.prompt_renderer(
+        {
+            "current_instruction_doc": "Answer.",
+            "dataset_with_feedback": [{"Feedback": feedback["wrong"]}],
+        }
+    )
+    assert lm(prompt)[0] == "```\nAnswer. Track each quantity in the problem.\n```"
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_gepa_offline_improves_the_program_deterministically(name: str) -> None:
+    task = get_task(name, n_train=12, n_val=10)
+    optimized = _gepa_compile(task)
+    results = optimized.detailed_results
+    assert len(results.candidates) > 1
+    assert max(results.val_aggregate_scores) > results.val_aggregate_scores[0]
+    assert task.evaluate(optimized) > task.evaluate()
+    lessons = [
+        lesson
+        for lesson in task.knowledge.lessons
+        if lesson in optimized.predictors()[0].signature.instructions
+    ]
+    assert lessons  # the improvement came from the feedback
+    again = _gepa_compile(task)
+    assert again.detailed_results.to_dict() == results.to_dict()
+    assert json.dumps(again.dump_state(), sort_keys=True) == json.dumps(
+        optimized.dump_state(), sort_keys=True
+    )
+
+
+def test_simba_advice_improves_the_program() -> None:
+    task = get_task("sentiment", n_train=24, n_val=20)
+    simba = dspy.SIMBA(metric=task.metric, bsize=8, num_candidates=4, max_steps=3, max_demos=0)
+    with dspy.context(lm=task.lm()):
+        optimized = simba.compile(task.make_program(), trainset=task.trainset, seed=0)
+    instructions = optimized.predictors()[0].signature.instructions
+    assert "If the module receives inputs like" in instructions
+    assert task.evaluate(optimized) > task.evaluate()

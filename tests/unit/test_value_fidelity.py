@@ -12,7 +12,7 @@ from __future__ import annotations
 import decimal
 import math
 import os
-import threading
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -186,11 +186,11 @@ def test_a_value_that_cannot_travel_is_named():
         deep = [deep]
     with pytest.raises(SerializationError, match=r"recursion.*\): list \[\[\[\[\.\.\.\]"):
         Outgoing(ExchangeConfig()).encode(deep)
-    lock = {"config": {"ok": 1, "lock": threading.Lock()}}
+    db = {"config": {"ok": 1, "db": sqlite3.connect(":memory:")}}
     with pytest.raises(SerializationError) as info:
-        Outgoing(ExchangeConfig()).encode(lock)
+        Outgoing(ExchangeConfig()).encode(db)
     message = str(info.value)
-    assert "(cannot pickle '_thread.lock' object): dict {'config': {" in message
-    assert "the part that fails is ['config']['lock']: lock <unlocked _thread" in message
+    assert "(cannot pickle 'sqlite3.Connection' object): dict {'config': {" in message
+    assert "the part that fails is ['config']['db']: Connection <sqlite3.Connectio" in message
     assert info.value.hint.startswith("send data")
     assert protocol.is_json_native([1, 2**63 - 1]) and not protocol.is_json_native([2**63])
