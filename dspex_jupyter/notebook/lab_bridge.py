@@ -105,7 +105,8 @@ class LabBridge:
         self.check_interval = check_interval
         self.refresh_interval = refresh_interval
         self._comms: list[Any] = []
-        self._lock = threading.Lock()
+        # A condition, not a bare lock: a cell can wait for comms and states (wait_until).
+        self._lock = threading.Condition()
         self._send_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -165,6 +166,7 @@ class LabBridge:
             comm._reply_subshell_for = _on_own_subshell  # noqa: SLF001 (ipykernel's hook)
         with self._lock:
             self._comms.append(comm)
+            self._lock.notify_all()
         comm.on_msg(lambda msg: self.handle_message(comm, msg))
         comm.on_close(lambda _msg=None: self._forget(comm))
         self.send_state([comm])
@@ -229,12 +231,29 @@ class LabBridge:
         state = self._make_snapshot()
         with self._lock:
             targets = list(self._comms) if comms is None else comms
+        self._broadcast(state, targets)
+        return state
+
+    def _broadcast(self, state: dict[str, Any], targets: list[Any]) -> None:
         for comm in targets:
             self._send(comm, {"type": "state", "state": state})
         self._last_signature = state_signature(state)
         self._last_sent = time.monotonic()
-        self.states_sent += 1
-        return state
+        with self._lock:
+            self.states_sent += 1
+            self._lock.notify_all()
+
+    @property
+    def connected(self) -> int:
+        """How many comms (sidebars, and the kernel's own) are open now."""
+        with self._lock:
+            return len(self._comms)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Block until ``predicate()`` holds, re-checked as comms open and states go out
+        (True), or ``timeout`` seconds pass (False)."""
+        with self._lock:
+            return self._lock.wait_for(predicate, timeout)
 
     # ---- keeping the sidebars up to date -----------------------------------------
     def _ensure_thread(self) -> None:
@@ -266,8 +285,4 @@ class LabBridge:
             if due or state_signature(state) != self._last_signature:
                 with self._lock:
                     targets = list(self._comms)
-                for comm in targets:
-                    self._send(comm, {"type": "state", "state": state})
-                self._last_signature = state_signature(state)
-                self._last_sent = time.monotonic()
-                self.states_sent += 1
+                self._broadcast(state, targets)

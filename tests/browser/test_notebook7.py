@@ -74,11 +74,8 @@ print(f"forgot {len(gone)} comm(s)")
 """
 # Blocks the kernel until a sidebar opened a comm again (at most 60 s).
 WAIT_FOR_A_SIDEBAR = """\
-import time
-deadline = time.monotonic() + 60
-while not bridge._comms and time.monotonic() < deadline:
-    time.sleep(0.1)
-print(f"sidebars connected: {len(bridge._comms)}")
+bridge.wait_until(lambda: bridge.connected > 0, timeout=60)
+print(f"sidebars connected: {bridge.connected}")
 """
 
 # Notes when the dashboard, and when the sidebar, first show the run running (ms, page clock).

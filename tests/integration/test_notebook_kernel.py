@@ -113,12 +113,10 @@ def test_lab_comm_sends_state_and_answers_actions(kernel):
 
 # Blocks the kernel's main thread until the bridge has pushed two more states (or 20 s).
 BLOCK_UNTIL_TWO_STATES = """\
-import time
 from dspex_jupyter.notebook.magics import _LOADED
 bridge = _LOADED[get_ipython()]["bridge"]
-start, deadline = bridge.states_sent, time.monotonic() + 20
-while bridge.states_sent < start + 2 and time.monotonic() < deadline:
-    time.sleep(0.05)
+start = bridge.states_sent
+bridge.wait_until(lambda: bridge.states_sent >= start + 2, timeout=20)
 """
 
 
