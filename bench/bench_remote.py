@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.bench_exchange import make_table  # noqa: E402
-from bench.common import exit_code_after_leak_check, print_table  # noqa: E402
+from bench.common import (  # noqa: E402
+    exit_code_after_leak_check,
+    print_table,
+    say,
+)
+from bench.common import timed_after_warmup as timed  # noqa: E402
 from dspex_jupyter import PoolManager, PoolSpec  # noqa: E402
 from dspex_jupyter.core.kernelspecs import write_ssh_kernelspec  # noqa: E402
 from tests.integration import remote_fixtures  # noqa: E402
@@ -49,21 +54,6 @@ NOOP = "bench.noop:noop"
 IDENTITY = "bench.exchange_helpers:identity"
 MB = 1_000_000
 perf = time.perf_counter
-
-
-def say(message: str) -> None:
-    print(f"  .. {message}", flush=True)
-
-
-def timed(fn: Callable[[], Any], reps: int) -> list[float]:
-    """Seconds of ``reps`` calls of ``fn`` after one untimed warm-up call."""
-    fn()
-    out = []
-    for _ in range(reps):
-        start = perf()
-        fn()
-        out.append(perf() - start)
-    return out
 
 
 # ---- ipyparallel over SSH -------------------------------------------------------------

@@ -25,6 +25,17 @@ def timed(fn: Callable[[], Any], n: int) -> list[float]:
     return out
 
 
+def timed_after_warmup(fn: Callable[[], Any], n: int) -> list[float]:
+    """Seconds of ``n`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    return timed(fn, n)
+
+
+def say(message: str) -> None:
+    """A progress line of a benchmark."""
+    print(f"  .. {message}", flush=True)
+
+
 def print_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> None:
     """Rows as left-aligned columns under ``header``."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

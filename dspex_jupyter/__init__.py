@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PoolSpec": "dspex_jupyter.core.spec",
     "load_pool_specs": "dspex_jupyter.core.spec",
+    "GatewayConfig": "dspex_jupyter.core.gateway_config",
     "PoolManager": "dspex_jupyter.core.manager",
     "Pool": "dspex_jupyter.core.pool",
     "Session": "dspex_jupyter.core.session",
@@ -38,6 +39,10 @@ _LAZY = {
     "RunHistory": "dspex_jupyter.core.history",
     "load_program": "dspex_jupyter.core.history",
     "to_mlflow": "dspex_jupyter.optimizers.export",
+    "sweep": "dspex_jupyter.optimizers.sweep",
+    "grid": "dspex_jupyter.optimizers.sweep",
+    "attach_sweep": "dspex_jupyter.optimizers.sweep",
+    "Sweep": "dspex_jupyter.optimizers.sweep",
     "write_kernelspec": "dspex_jupyter.core.kernelspecs",
 }
 # Every error class of core/errors.py (standard library only, so cheap to import even in

@@ -28,4 +28,5 @@ if [ ! -x /usr/sbin/sshd ]; then
 fi
 # Remote kernels are encrypted with CurveZMQ: pyzmq's libzmq must have it.
 .venv/bin/python -c "import zmq; assert zmq.has('curve'), 'libzmq without CurveZMQ'"
+bash scripts/gateway_setup.sh  # Enterprise/Kernel Gateway envs for the gateway tests (#17)
 .venv/bin/python -c "import dspex_jupyter, jupyter_client, ipykernel, pytest" 

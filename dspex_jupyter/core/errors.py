@@ -630,3 +630,90 @@ class RemoteLaunchFailed(PoolStartError):
         "check that the host answers `ssh USER@HOST` with the key in ~/.ssh and a known host "
         "key, that the remote Python has dspex-jupyter[remote], and the kernel log on the host"
     )
+
+
+# ---- pools behind a Jupyter Enterprise Gateway or Kernel Gateway (core/gateway.py) --------
+class GatewayError(DspexError):
+    """A Jupyter Enterprise Gateway or Kernel Gateway refused or failed a request."""
+
+    hint = "the message quotes the gateway's answer; its log says more (ask its operator)"
+
+
+class GatewayUnavailable(GatewayError):
+    """The gateway does not answer (refused, timed out, or a 5xx) after the retries: an
+    infrastructure failure, not a fault of the code that ran."""
+
+    hint = (
+        "check that the gateway runs at the pool's URL (and the network to it); the pool "
+        "replaces its kernels once it is back, and a run resumes from its last checkpoint with "
+        "dspex.resume(...)"
+    )
+
+
+class GatewayAuthFailed(GatewayError, PermissionError):
+    """The gateway refused the pool's token (401/403)."""
+
+    hint = (
+        "check the pool's auth_token (or auth_token_env), or JUPYTER_GATEWAY_AUTH_TOKEN, "
+        "against the gateway's token"
+    )
+
+
+class GatewayKernelLost(KernelDied, GatewayUnavailable):
+    """A kernel's gateway stopped answering while the kernel worked: the kernel is lost (a
+    KernelDied, so the pool replaces it, and a GatewayUnavailable: the cause is the
+    infrastructure, not the code that ran)."""
+
+    hint = GatewayUnavailable.hint
+
+
+class GatewaySessionLost(SessionKernelLost, GatewayKernelLost):
+    """The same for a session's kernel: its state is lost too (runs resume from their last
+    checkpoint with dspex.resume once the gateway is back)."""
+
+    hint = GatewayUnavailable.hint
+
+
+class SweepInUse(DspexError):
+    """The sweep is still being run by another live notebook process."""
+
+    hint = "attach to it in that notebook, or stop that process first"
+
+
+# ---- a run's evaluations on another pool (core/eval_dispatch.py) -------------------------
+class InvalidEvalPool(InvalidSpec):
+    """``eval_pool=`` cannot take the run's evaluations: it is the run's own pool and the run
+    itself takes its only kernel."""
+
+    hint = (
+        "start a pool for evaluation, e.g. PoolSpec('eval', size=2), and pass eval_pool='eval' "
+        "(or give the run's pool a size of 2 or more)"
+    )
+
+
+class EvalPoolLost(RemoteError):
+    """No kernel of the eval pool could finish an evaluation (every one died, or its set-up
+    failed): the run stopped at its last checkpoint instead of scoring the examples."""
+
+    hint = (
+        "check the eval pool (manager.health(), the run's log), then resume: "
+        "dspex.resume(checkpoint_dir, pool, eval_pool=...) or without eval_pool to evaluate "
+        "in the run's own kernel"
+    )
+
+
+CLASSIFICATION_TABLE += (
+    Classification(EvalPoolLost, ("dspex_jupyter.runtime.eval_remote.EvalPoolUnavailable",)),
+)
+
+
+# ---- a reply lost with a gateway's websocket (core/worker.py, runtime/reply_log.py) ----------
+class GatewayReplyLost(GatewayError):
+    """A call's reply (or an execute's) was lost when the gateway's websocket dropped, and
+    the kernel no longer keeps it (it never got the request, or the reply was too big to
+    keep or already evicted): failed at once rather than waiting forever."""
+
+    hint = (
+        "the kernel and its session are kept: retry the call (if the message says the "
+        "kernel ran it, its side effects happened once already)"
+    )

@@ -39,7 +39,7 @@ from ..checkpoint import scrub_secrets
 from .errors import HistoryError, NoBestProgram, RunNotFound
 
 DB_FILE = "runs.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the sweeps table (a version-1 file gains it on first use)
 BUSY_TIMEOUT_MS = 30_000  # a writer holds the lock for milliseconds; wait, never fail
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 # Event kinds that change what a run's row says; the rest (candidates, checkpoints, logs...)
@@ -79,6 +79,22 @@ CREATE TABLE IF NOT EXISTS trials (
     time REAL,
     PRIMARY KEY (run_id, number, eval)
 );
+CREATE TABLE IF NOT EXISTS sweeps (
+    sweep_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'running',
+    configs TEXT NOT NULL DEFAULT '[]',
+    runs TEXT NOT NULL DEFAULT '[]',
+    budget TEXT NOT NULL DEFAULT '{}',
+    folder TEXT,
+    pool TEXT,
+    notebook TEXT,
+    host TEXT,
+    pid INTEGER,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sweeps_by_name ON sweeps (name);
 """
 # Columns a caller may set, with how each is stored (JSON columns are dumped).
 _COLUMNS = {
@@ -281,6 +297,7 @@ class RunHistory:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _add_missing_run_columns(conn)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -306,12 +323,7 @@ class RunHistory:
             fields["cost"] = (fields["usage"] or {}).get("cost")
         values = {name: _stored(name, value) for name, value in fields.items()}
         now = time.time()
-        columns = ["run_id", *values, "created", "updated"]
-        updates = ", ".join(f"{name} = excluded.{name}" for name in [*values, "updated"])
-        sql = (
-            f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT (run_id) DO UPDATE SET {updates}"
-        )
+        sql = _upsert_sql("runs", "run_id", list(values))
         with self._connect(write=True) as conn:
             assert conn is not None
             conn.execute(sql, [run_id, *values.values(), now, now])
@@ -426,6 +438,120 @@ class RunHistory:
             raise InvalidSpec("compare needs at least two runs", hint="give two or more run ids")
         return [self.get(run_id) for run_id in run_ids]
 
+    # ---- sweeps ----------------------------------------------------------------------
+    def record_sweep(self, sweep_id: str, **fields: Any) -> None:
+        """Create or update sweep ``sweep_id`` with ``fields`` (columns of SweepRecord;
+        those not given keep their value)."""
+        unknown = set(fields) - set(_SWEEP_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown sweep fields: {', '.join(sorted(unknown))}")
+        values = {
+            name: _json(scrub_secrets(value)) if _SWEEP_COLUMNS[name] == "json" else value
+            for name, value in fields.items()
+        }
+        now = time.time()
+        sql = _upsert_sql("sweeps", "sweep_id", list(values))
+        with self._connect(write=True) as conn:
+            assert conn is not None
+            conn.execute(sql, [sweep_id, *values.values(), now, now])
+
+    def sweeps(self, *, limit: int | None = None) -> list[SweepRecord]:
+        """Sweeps, newest first."""
+        sql = "SELECT * FROM sweeps ORDER BY created DESC, sweep_id"
+        if limit is not None:
+            sql += f" LIMIT {max(0, int(limit))}"
+        with self._connect(write=False) as conn:
+            return [] if conn is None else [SweepRecord.from_row(r) for r in conn.execute(sql)]
+
+    def get_sweep(self, key: str) -> SweepRecord:
+        """The sweep of that id (or unique id prefix), else the newest sweep of that name."""
+        with self._connect(write=False) as conn:
+            rows = []
+            if conn is not None and isinstance(key, str) and key:
+                rows = conn.execute(
+                    "SELECT * FROM sweeps WHERE sweep_id = ? OR sweep_id LIKE ? ESCAPE '\\' "
+                    "OR name = ? ORDER BY sweep_id = ? DESC, name = ? DESC, created DESC LIMIT 6",
+                    (key, f"{_like(key)}%", key, key, key),
+                ).fetchall()
+        exact = [r for r in rows if r["sweep_id"] == key or r["name"] == key]
+        if exact:
+            return SweepRecord.from_row(exact[0])
+        if len(rows) == 1:
+            return SweepRecord.from_row(rows[0])
+        if rows:
+            ids = ", ".join(row["sweep_id"] for row in rows[:5])
+            raise RunNotFound(
+                f"sweep {key!r} is ambiguous in the run history", hint=f"sweeps: {ids}..."
+            )
+        raise RunNotFound(
+            f"no sweep {key!r} in the run history ({self.path})",
+            hint="give a sweep's id or name as dspex.sweep(..., name=) set it",
+        )
+
+
+# Sweep columns a caller may set (JSON ones are dumped).
+_SWEEP_COLUMNS = {
+    "name": "text",
+    "status": "text",
+    "configs": "json",
+    "runs": "json",
+    "budget": "json",
+    "folder": "text",
+    "pool": "text",
+    "notebook": "text",
+    "host": "text",
+    "pid": "int",
+}
+
+
+@dataclass
+class SweepRecord:
+    """One sweep as the history holds it: its configs, and per config the run started
+    for it (``runs``: index, label, run_id, checkpoint_dir, status)."""
+
+    sweep_id: str
+    name: str = ""
+    status: str = "running"
+    configs: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    folder: str | None = None
+    pool: str | None = None
+    notebook: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    created: float = 0.0
+    updated: float = 0.0
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> SweepRecord:
+        values = dict(row)
+        for name, kind in _SWEEP_COLUMNS.items():
+            if kind == "json" and values.get(name) is not None:
+                values[name] = json.loads(values[name])
+        return cls(**values)
+
+
+def _add_missing_run_columns(conn: sqlite3.Connection) -> None:
+    """An older file's runs table gains the columns added since (NULL in its rows), as a
+    migration would: CREATE TABLE IF NOT EXISTS leaves an existing table as it is."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    types = {"text": "TEXT", "json": "TEXT", "real": "REAL", "int": "INTEGER"}
+    for name, kind in _COLUMNS.items():
+        if name not in have:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {types[kind]}")
+
+
+def _upsert_sql(table: str, key: str, names: list[str]) -> str:
+    """Insert a row keyed by ``key`` or update only the given columns of the row there: a
+    writer never clears what another notebook wrote to the columns it did not name."""
+    columns = [key, *names, "created", "updated"]
+    updates = ", ".join(f"{name} = excluded.{name}" for name in [*names, "updated"])
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f" ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+
 
 def _like(text: str) -> str:
     """``text`` matched literally inside a LIKE pattern."""
@@ -496,6 +622,45 @@ def instruction_diff(first: RunRecord, second: RunRecord) -> list[str]:
             (b.get(name) or "").splitlines(),
             f"{first.run_id}/{name}",
             f"{second.run_id}/{name}",
+            lineterm="",
+        )
+    return lines
+
+
+def demos_of(record: RunRecord) -> dict[str, list[dict[str, Any]]]:
+    """Each predictor's demos in the run's best program (empty before one exists)."""
+    state = record.best_program or {}
+    if isinstance(state.get("signature"), dict):
+        state = {"self": state}
+    return {
+        name: [d for d in part.get("demos") or [] if isinstance(d, dict)]
+        for name, part in state.items()
+        if isinstance(part, dict) and name != "metadata"
+    }
+
+
+def _demo_lines(demos: list[dict[str, Any]]) -> list[str]:
+    """One line per demo, its fields in order ("question: 1+1 | answer: 2")."""
+    return [
+        " | ".join(f"{k}: {' '.join(str(v).split())}" for k, v in demo.items() if k != "augmented")
+        for demo in demos
+    ]
+
+
+def program_diff(first: RunRecord, second: RunRecord) -> list[str]:
+    """A unified diff of the two runs' best programs: instructions, then demos (one line
+    each), predictor by predictor."""
+    lines = instruction_diff(first, second)
+    a, b = demos_of(first), demos_of(second)
+    for name in sorted(set(a) | set(b)):
+        left, right = _demo_lines(a.get(name, [])), _demo_lines(b.get(name, []))
+        if left == right:
+            continue
+        lines += difflib.unified_diff(
+            left,
+            right,
+            f"{first.run_id}/{name}/demos",
+            f"{second.run_id}/{name}/demos",
             lineterm="",
         )
     return lines
@@ -584,6 +749,58 @@ def trial_of(event: dict[str, Any]) -> dict[str, Any]:
         "params": event.get("params") or {},
         "time": event.get("time"),
     }
+
+
+# The "progress" event that closes one unit of an optimizer's search, as that optimizer's
+# trial: (the field that numbers it, the field with its own score, what it evaluated).
+# MIPROv2 sends "trial" events of its own; these adapters report steps as progress
+# (runtime/gepa.py, copro.py, simba.py, bootstrap_rs.py; generic.py per dspy.Evaluate).
+PROGRESS_TRIALS: dict[str, tuple[str, str | None, str]] = {
+    "GEPA": ("iteration", None, "full"),  # its accepted proposal's score: see below
+    "COPRO": ("step", None, "full"),
+    "SIMBA": ("step", "step_best", "minibatch"),
+    "BootstrapFewShotWithRandomSearch": ("step", "score", "full"),
+}
+GENERIC_TRIAL = ("evaluations", None, "full")  # any other optimizer: each dspy.Evaluate
+# Progress fields that are no trial parameter (bookkeeping, or the scores themselves).
+_NOT_PARAMS = {"seq", "time", "kind", "optimizer", "phase", "best_score", "usage", "proposal"}
+
+
+def trials_of(event: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trial rows an event holds: a "trial" event's, or the one of a "progress" event
+    that closes a step of GEPA, COPRO, SIMBA, BootstrapFewShotWithRandomSearch or an
+    optimizer without an adapter (one row per ``dspy.Evaluate``), so every optimizer's
+    runs list trials in the history and log per-trial metrics to MLflow."""
+    kind = event.get("kind")
+    if kind == "trial":
+        return [trial_of(event)]
+    if kind != "progress" or event.get("optimizer") == "MIPROv2":  # it sends "trial"s
+        return []
+    numbered, scored, evaluated = PROGRESS_TRIALS.get(str(event.get("optimizer")), GENERIC_TRIAL)
+    number = event.get(numbered)
+    if isinstance(number, bool) or not isinstance(number, int):
+        return []  # a progress event between steps (metric calls counted, say)
+    score = event.get(scored) if scored else None
+    params = {
+        k: v
+        for k, v in event.items()
+        if k not in _NOT_PARAMS and k != scored and isinstance(v, str | int | float | bool)
+    }
+    proposal = event.get("proposal")
+    if isinstance(proposal, dict):  # GEPA: this iteration's proposal and its fate
+        params["accepted"] = bool(proposal.get("accepted"))
+        if proposal.get("accepted") and isinstance(proposal.get("score"), int | float):
+            score = proposal["score"]
+    return [
+        {
+            "number": number,
+            "eval": evaluated,
+            "score": score,
+            "best_score": event.get("best_score"),
+            "params": params,
+            "time": event.get("time"),
+        }
+    ]
 
 
 class HistoryWriter:
@@ -679,16 +896,19 @@ def record_run_event(run: Any, event: dict[str, Any]) -> None:
     its events, after applying it). Never raises: the run matters more than its record."""
     try:
         kind = event.get("kind")
-        if kind == "progress":
+        trials = trials_of(event)
+        if kind == "progress" and not trials:  # a step's progress is always a trial row
             if not writer.wants_progress(run.run_id):
                 return
         elif kind == "phase":  # many per run: only the one that makes it "running"
             if not writer.status_changed(run.run_id, run.status):
                 return
-        elif kind not in RECORDED_KINDS:
+        elif kind not in RECORDED_KINDS and not trials:
             return
-        trials = [trial_of(event)] if kind == "trial" else []
-        writer.submit(history_path(), run.run_id, run_fields(run), trials)
+        fields = run_fields(run)
+        if trials and kind == "progress":  # the run handle counts MIPROv2's trials only
+            fields["trials"] = max(int(fields.get("trials") or 0), trials[0]["number"])
+        writer.submit(history_path(), run.run_id, fields, trials)
     except Exception as exc:
         writer.warn(exc)
 

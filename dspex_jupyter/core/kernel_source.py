@@ -108,6 +108,13 @@ def encryption_policy(pool: str, kernelspec: Any, allow_unencrypted: str | None)
     return "required"
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 def _has_transport_encryption() -> bool:
     return "transport_encryption" in AsyncKernelManager.class_trait_names()
 
@@ -155,6 +162,19 @@ class RunningKernel(ABC):
     @abstractmethod
     def kill(self) -> None:
         """Stop it at once (SIGKILL); its death is then seen by ``watch``."""
+
+    @property
+    def launched(self) -> bool:
+        return bool(self.manager is not None and self.manager.has_kernel)
+
+    async def shutdown(self, now: bool = False, dead: bool = False) -> None:
+        """Stop it (at once when ``now`` or already ``dead``) and remove its connection file."""
+        manager = self.manager
+        with contextlib.suppress(Exception):
+            if dead or not await manager.is_alive():
+                await manager.shutdown_kernel(now=True)
+            else:
+                await manager.shutdown_kernel(now=now)
 
     @abstractmethod
     def watch(self, on_exit: ExitCallback) -> None:
@@ -257,6 +277,7 @@ class ProvisionedKernel(RunningKernel):
         super().__init__(manager)
         self._tasks: list[asyncio.Task[None]] = []
         self._kill_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the manager's, set by start()
         self.missed_heartbeats = 0
 
     @property
@@ -264,6 +285,7 @@ class ProvisionedKernel(RunningKernel):
         return False
 
     async def start(self, **kwargs: Any) -> None:
+        self._loop = asyncio.get_running_loop()
         _keep_response_listener(response_ip_for(self.manager.kernel_spec))
         try:
             await super().start(**kwargs)
@@ -271,6 +293,11 @@ class ProvisionedKernel(RunningKernel):
             _pause_response_listener()
 
     def kill(self) -> None:
+        """Kill it through its provisioner. Callable from any thread (a widget's button runs
+        on its own): the provisioner's coroutine runs on the manager's loop."""
+        if self._loop is not None and _running_loop() is not self._loop:
+            self._loop.call_soon_threadsafe(self.kill)
+            return
         provisioner = self.manager.provisioner
         if provisioner is None or self._kill_task is not None:
             return

@@ -48,6 +48,7 @@ def spec_to_json(spec: PoolSpec) -> dict[str, Any]:
     data = dataclasses.asdict(spec)
     data["warmup"] = list(spec.warmup)
     data["env_vars"] = sorted(spec.env_vars)
+    data["auth_token"] = None  # a gateway token is a secret: restore reads auth_token_env
     return data
 
 

@@ -158,12 +158,9 @@ class Pool:
 
     async def _start(self, timeout: float) -> None:
         # Before anything starts: a pool whose kernels would talk unencrypted over a
-        # network refuses here (TransportNotEncrypted), unless it opted out by name.
-        self._encryption = kernel_source.encryption_policy(
-            self.name,
-            self.source.kernel_spec_manager.get_kernel_spec(self.source.kernel_name),
-            self.spec.allow_unencrypted,
-        )
+        # network refuses here (TransportNotEncrypted), unless it opted out by name; a
+        # gateway pool's token and kernelspec are checked once (core/launch.py).
+        self._encryption = await self.source.prepare(self.name, self.spec.allow_unencrypted)
         limit = self.spec.max_memory_bytes
         if limit is not None:
             self._memory = memory_limits(limit, self._on_memory_breach, self._on_memory_warning)
@@ -727,6 +724,7 @@ class Pool:
         self._idle.clear()
         if self._exchange is not None:
             self._exchange.remove_pool(self.name)
+        await self.source.aclose()
 
     # ---- public API: sync facade and async twins ------------------------------------
     def call(self, func: Any, /, *args: Any, **kwargs: Any) -> Any:

@@ -97,7 +97,9 @@ class PoolSpec:
 
     Exactly one of ``env`` (a ``dspex env`` environment), ``kernel`` (a kernelspec name)
     or ``python`` (an interpreter, e.g. a conda env's) says where kernels come from; with
-    none, kernels use the Python running the notebook.
+    none, kernels use the Python running the notebook. With ``gateway`` (a Jupyter
+    Enterprise Gateway or Kernel Gateway URL, or a table of its settings: GatewayConfig),
+    ``kernel`` names a kernelspec of that gateway, which runs the kernels.
     """
 
     name: str
@@ -115,9 +117,16 @@ class PoolSpec:
     # Kernels through a provisioner other than the local one talk over TCP with CurveZMQ, or
     # the pool refuses to start; naming the pool here accepts plain TCP (an explicit opt-out).
     allow_unencrypted: str | None = None
+    # Kernels from a gateway (core/gateway.py): its URL or settings, and its token, given, or
+    # read from the variable auth_token_env names, else from JUPYTER_GATEWAY_AUTH_TOKEN. The
+    # token is never written anywhere (repr masks it; a manifest leaves it out).
+    gateway: Any = None
+    auth_token: str | None = None
+    auth_token_env: str | None = None
 
     def __post_init__(self) -> None:
         check_name("pool", self.name)
+        self._check_gateway()
         sources = [k for k in ("env", "kernel", "python") if getattr(self, k) is not None]
         if len(sources) > 1:
             raise InvalidSpec(
@@ -168,14 +177,44 @@ class PoolSpec:
                 hint=f"to accept unencrypted kernel traffic, write allow_unencrypted={self.name!r}",
             )
 
+    def _check_gateway(self) -> None:
+        for key in ("auth_token", "auth_token_env"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidSpec(f"pool {self.name!r}: {key} must be a non-empty string")
+        if self.gateway is None:
+            if self.auth_token is not None or self.auth_token_env is not None:
+                raise InvalidSpec(
+                    f"pool {self.name!r}: auth_token is for a gateway, and it names none",
+                    hint='add gateway="https://HOST:PORT" (and kernel=its kernelspec)',
+                )
+            return
+        from .gateway_config import GatewayConfig
+
+        object.__setattr__(self, "gateway", GatewayConfig.coerce(self.gateway))
+        if self.env is not None or self.python is not None or self.kernel is None:
+            raise InvalidSpec(
+                f"pool {self.name!r}: a gateway pool names its kernelspec on the gateway with "
+                "kernel= (and no env= or python=)",
+                hint=f'e.g. PoolSpec({self.name!r}, gateway="https://eg.example:8888", '
+                'kernel="python_k8s")',
+            )
+        if self.auth_token is not None and self.auth_token_env is not None:
+            raise InvalidSpec(
+                f"pool {self.name!r} gives both auth_token and auth_token_env",
+                hint="give one: the token, or the name of the variable that holds it",
+            )
+
     def __repr__(self) -> str:
-        """The dataclass's repr with ``env_vars`` values masked: they are often API keys,
-        and a repr ends up in notebooks, logs and tracebacks."""
+        """The dataclass's repr with ``env_vars`` values and the gateway token masked: they
+        are often API keys, and a repr ends up in notebooks, logs and tracebacks."""
         parts = []
         for item in fields(self):
             value = getattr(self, item.name)
             if item.name == "env_vars":
                 value = dict.fromkeys(value, "***")
+            elif item.name == "auth_token" and value is not None:
+                value = "***"
             parts.append(f"{item.name}={value!r}")
         return f"PoolSpec({', '.join(parts)})"
 

@@ -639,15 +639,85 @@ class DspexMagics(Magics):
         self._show_run(run, name, not args.no_display)
 
     @magic_arguments("dspex attach")
-    @argument("run", help="variable holding the run, or its run id")
+    @argument("run", help="variable holding the run or sweep, a run id, or a sweep's id or name")
+    @argument("--pool", help="sweep: the pool its unfinished runs resume on (default: its own)")
+    @argument("--program", help="sweep: variable holding the program (a notebook object)")
+    @argument("--metric", help="sweep: variable holding the metric (a notebook object)")
+    @argument("--lm", help="sweep: variable holding the task LM")
+    @argument("--trainset", help="sweep: variable holding the trainset (configs not started)")
+    @argument("--valset", help="sweep: variable holding the valset")
+    @argument("--name", help="sweep: store the sweep in this variable (default: sweep)")
     def _cmd_attach(self, line: str, cell: str | None) -> None:
-        """Show a run's live dashboard again (another cell, or after the browser reconnected)."""
+        """Show a run's live dashboard again (another cell, or after the browser reconnected),
+        or a sweep's comparison: after a kernel restart its finished runs come from the run
+        history and its unfinished ones resume from their checkpoints."""
         args = parse_argstring(self._cmd_attach, line)
         from IPython.display import display
 
+        from ..optimizers.sweep import Sweep, attach_sweep, live_sweeps
         from .run_dashboard import dashboard_for
 
-        display(dashboard_for(registry.find_run(args.run, self.namespace)))
+        held = self.namespace.get(args.run)
+        if isinstance(held, Sweep):
+            display(held.widget())
+            return
+        try:
+            run = registry.find_run(args.run, self.namespace)
+        except DspexError as not_a_run:
+            live = {s.sweep_id: s for s in live_sweeps()} | {s.name: s for s in live_sweeps()}
+            if args.run not in live and not self._recorded_sweep(args.run):
+                raise not_a_run from None
+            given = self._variables(
+                {
+                    "--program": (args.program, "reference"),
+                    "--metric": (args.metric, "reference"),
+                    "--lm": (args.lm, "lm"),
+                    "--trainset": (args.trainset, "variable"),
+                    "--valset": (args.valset, "variable"),
+                }
+            )
+            pool = registry.find_pool(args.pool) if args.pool else None
+            sweep = live.get(args.run) or attach_sweep(
+                args.run,
+                pool,
+                program=given["--program"],
+                metric=given["--metric"],
+                lm=given["--lm"],
+                trainset=given["--trainset"],
+                valset=given["--valset"],
+            )
+            name = args.name or "sweep"
+            self.namespace[name] = sweep
+            print(f"sweep {sweep.name} ({sweep.sweep_id}): {sweep.state}, stored as `{name}`")
+            display(sweep.widget())
+            return
+        display(dashboard_for(run))
+
+    @staticmethod
+    def _recorded_sweep(key: str) -> bool:
+        from ..core.history import RunHistory
+
+        try:
+            RunHistory().get_sweep(key)
+        except DspexError:
+            return False
+        return True
+
+    @magic_arguments("dspex sweeps")
+    @argument("--limit", type=int, default=20, metavar="N", help="newest N (default 20)")
+    def _cmd_sweeps(self, line: str, cell: str | None) -> None:
+        """The recorded sweeps, newest first: name, id, status, runs, started."""
+        args = parse_argstring(self._cmd_sweeps, line)
+        from IPython.display import display
+
+        from ..core.history import RunHistory
+        from .runs_table import sweeps_table
+
+        records = RunHistory().sweeps(limit=args.limit)
+        if not records:
+            print("no sweep recorded yet; start one with dspex.sweep(configs, program, ...)")
+            return
+        display(sweeps_table(records))
 
     @magic_arguments("dspex checkpoint")
     @argument("run", help="variable holding the run, or its run id")

@@ -80,6 +80,25 @@ def best_instruction(events: list[dict[str, Any]], best_score: float | None) -> 
     return shorten(" | ".join(texts)) if texts else "-"
 
 
+def trial_events(run: Any) -> bool:
+    return any(e.get("kind") == "trial" for e in list(run.events))
+
+
+def result_instruction(run: Any) -> str:
+    """A completed run without MIPROv2's trial events (GEPA, COPRO...): its best program's
+    instruction(s), from its result."""
+    if not (getattr(run, "done", False) and run.status == "completed"):
+        return "-"
+    from ..core.history import RunRecord
+
+    try:  # RunRecord reads a lone Predict's flat state as well as a module's
+        state = run.result(timeout=0).state
+        instructions = RunRecord(run.run_id, best_program=state).instructions
+    except Exception:  # no result to read: nothing to show
+        return "-"
+    return shorten(" | ".join(instructions.values())) if instructions else "-"
+
+
 def duration(events: list[dict[str, Any]], done: bool, now: float | None = None) -> float | None:
     """Seconds from the run's first event to its last (to now while it runs)."""
     times = [e["time"] for e in events if isinstance(e.get("time"), int | float)]
@@ -99,7 +118,7 @@ def run_row(run: Any, namespace: Mapping[str, Any], now: float | None = None) ->
         optimizer_name(run),
         run.status,
         f"{best:.4g}" if best is not None else "-",
-        best_instruction(list(run.events), best),
+        best_instruction(list(run.events), best) if trial_events(run) else result_instruction(run),
         f"${cost:.4f}" if cost is not None else "-",
         format_duration(duration(list(run.events), run.done, now)),
     ]
@@ -179,7 +198,7 @@ def runs_table(
 def comparison_text(records: list[Any]) -> str:
     """Runs of the history side by side (``dspex runs compare``, ``%dspex runs --compare``):
     scores, usage, the settings that differ, then the instructions' diff against the first."""
-    from ..core.history import config_differences, format_time, instruction_diff
+    from ..core.history import config_differences, format_time, program_diff
 
     def score(value: Any) -> str:
         return f"{value:.4g}" if isinstance(value, int | float) else "-"
@@ -202,7 +221,26 @@ def comparison_text(records: list[Any]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     for other in records[1:]:
-        diff = instruction_diff(records[0], other)
-        lines += ["", f"instructions, {records[0].run_id} -> {other.run_id}:"]
+        diff = program_diff(records[0], other)
+        lines += [
+            "",
+            f"best programs (instructions, demos), {records[0].run_id} -> {other.run_id}:",
+        ]
         lines += diff or ["  (the same)"]
     return "\n".join(lines)
+
+
+SWEEP_HEADERS = ("sweep", "id", "status", "runs", "budget", "pool", "notebook", "started")
+
+
+def sweeps_table(records: list[Any]) -> RunsTable:
+    """``%dspex sweeps``: the recorded sweeps (``%dspex attach NAME`` shows one)."""
+    rows = []
+    for record in records:
+        statuses = [str(r.get("status")) for r in record.runs]
+        runs = ", ".join(f"{statuses.count(s)} {s}" for s in dict.fromkeys(statuses))
+        budget = ", ".join(f"{k}={v:g}" for k, v in (record.budget or {}).items())
+        rows.append([record.name, record.sweep_id, record.status, runs or "-", budget or "-",
+                     record.pool or "-", notebook_name(record.notebook),
+                     started_text(record.created)])  # fmt: skip
+    return RunsTable(rows, SWEEP_HEADERS)

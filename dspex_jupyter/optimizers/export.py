@@ -31,7 +31,7 @@ from ..core.history import (
     RunRecord,
     default_history,
     run_fields,
-    trial_of,
+    trials_of,
 )
 
 DEFAULT_EXPERIMENT = "dspex"
@@ -111,7 +111,17 @@ def export_view(
     )
     if record.status == "completed":  # the handle takes the result a moment after the event
         record.best_program = getattr(run.result(timeout=60), "state", None)
-    return record, [trial_of(e) for e in events if e.get("kind") == "trial"]
+    trials = [trial for event in events for trial in trials_of(event)]
+    if not record.trials:  # the run handle counts MIPROv2's trials only
+        record.trials = max((int(t["number"]) for t in trials), default=0)
+    return record, _last_per_number(trials)
+
+
+def _last_per_number(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One trial per (number, eval), the newest (as the history keeps them): a step redone
+    after a resume counts once."""
+    newest = {(t["number"], t["eval"]): t for t in trials}
+    return [t for t in trials if newest[(t["number"], t["eval"])] is t]
 
 
 def _experiment_id(client: Any, name: str | None) -> str:

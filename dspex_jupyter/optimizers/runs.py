@@ -27,6 +27,7 @@ from ..checkpoint import CheckpointDir, example_to_json, scrub_secrets
 from ..core import history, lifecycle
 from ..core.errors import (
     DspexError,
+    InvalidEvalPool,
     InvalidLM,
     InvalidSpec,
     InvalidTeleprompter,
@@ -36,6 +37,7 @@ from ..core.errors import (
     RemoteError,
     classify,
 )
+from ..core.eval_dispatch import EvalDispatcher
 from ..core.pool import Pool
 from ..core.recovery import RecoveryPolicy
 from ..core.session import Session
@@ -44,6 +46,7 @@ from ..trust import kernel_trust, modules_named, sign_checkpoint, sign_new_run
 from . import checkpoint_mirror
 
 RUNTIME = "dspex_jupyter.runtime.runs"
+EVAL_RUNTIME = "dspex_jupyter.runtime.eval_remote"
 # cancel(): how long the run gets to stop at a safe point before its kernel is killed
 # (its thread there cannot be interrupted: it is not the kernel's main thread).
 CANCEL_GRACE_S = 2.5
@@ -360,6 +363,9 @@ class OptimizationRun:
         self.resume_objects: dict[str, Any] = {}
         # Modules the user named in optimize(): a resume from this process may import them.
         self.trusted_modules: tuple[str, ...] = ()
+        # eval_pool=: the run's evaluations spread over that pool (core/eval_dispatch.py).
+        self.eval_pool: Pool | None = None
+        self.eval_dispatch: EvalDispatcher | None = None
         _live_runs[run_id] = self
 
     @property
@@ -414,6 +420,13 @@ class OptimizationRun:
     async def _collect_and_release(self) -> None:
         """The run ended (completed, failed or cancelled): take its result, let the kernel
         forget it, and give the kernel back, so the pool's next run starts at once."""
+        try:
+            await self._collect_from_kernel()
+        finally:  # then the eval kernels go back to their pool (after the run's: cancel()
+            if self.eval_dispatch is not None:  # kills a run kernel not given back in time)
+                await self.eval_dispatch.aclose()
+
+    async def _collect_from_kernel(self) -> None:
         session = self.session
         if not session.active:
             return
@@ -491,6 +504,9 @@ class OptimizationRun:
             return
         event = mirrored
         kind = event["kind"]
+        if kind == "eval_request":  # work for the eval pool, not a run event to keep
+            self._dispatch_evaluation(event)
+            return
         if kind == "trial":
             self.metrics["trials"] = max(self.metrics["trials"], event["number"])
             self.metrics["best_score"] = event["best_score"]
@@ -536,6 +552,9 @@ class OptimizationRun:
             self.metrics.pop("waiting", None)
         elif kind == "warning":
             self.metrics.setdefault("warnings", []).append(event["message"])
+        self._record(event)
+
+    def _record(self, event: dict[str, Any]) -> None:
         with self._changed:
             self.events.append(event)
             callbacks = list(self._callbacks)
@@ -547,6 +566,38 @@ class OptimizationRun:
                 import logging
 
                 logging.getLogger("dspex_jupyter").exception("run event callback failed")
+
+    def attach_eval_pool(self, pool: Pool, kernels: int, data: dict[str, Any]) -> None:
+        """Spread the run's evaluations over ``kernels`` kernels of ``pool``; called before
+        the run's events are followed (its first request may come at once)."""
+        verdict = kernel_trust(self.checkpoint_dir, self.trusted_modules)
+        allowed = list(verdict["trusted_modules"]) if verdict else ["dspy"]
+        shipped = ("teleprompter", "task_lm", "lms", "program", "metric", "sources")
+        self.eval_pool = pool
+        self.eval_dispatch = EvalDispatcher(
+            pool,
+            run_id=self.run_id,
+            spec=self.spec,
+            data=data,
+            objects={k: v for k, v in self._objects.items() if k in shipped},
+            allowed=allowed,
+            kernels=kernels,
+            on_shard=lambda info: self._record(
+                {"seq": -1, "time": time.time(), "kind": "eval_shard", **info}
+            ),
+        )
+
+    def _dispatch_evaluation(self, event: dict[str, Any]) -> None:
+        session = self.session  # the answer goes to the kernel that asked, never a later one
+
+        async def answer(number: int, payload: dict[str, Any]) -> Any:
+            return await session.acall(f"{EVAL_RUNTIME}:answer", self.run_id, number, payload)
+
+        if self.eval_dispatch is None:  # cannot happen: the kernel asks only when told to
+            payload = {"failed": "this run has no eval pool in this process"}
+            asyncio.get_running_loop().create_task(answer(int(event["request"]), payload))
+            return
+        self.eval_dispatch.submit(event, answer)
 
     def wait_for_event(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float | None = None
@@ -705,6 +756,23 @@ def _resolve_pool(pool: Pool | str, manager: Any) -> Pool:
         f"no running pool named {pool!r}" if not found else f"several managers run a pool {pool!r}",
         hint="start it with PoolManager(...).start(), or pass manager= or the Pool itself",
     )
+
+
+def _resolve_eval_pool(
+    eval_pool: Pool | str | None, run_pool: Pool, manager: Any
+) -> tuple[Pool | None, int]:
+    """(the eval pool, how many of its kernels the run may hold): all of them, or all but
+    the run's own when it is the run's pool."""
+    if eval_pool is None:
+        return None, 0
+    pool = _resolve_pool(eval_pool, manager)
+    kernels = pool.spec.size - (1 if pool is run_pool else 0)
+    if kernels < 1:
+        raise InvalidEvalPool(
+            f"eval_pool {pool.name!r} is the run's own pool and has one kernel, which the "
+            "run itself takes: no kernel would be left to evaluate on"
+        )
+    return pool, kernels
 
 
 # ---- graceful shutdown and restore (see core/lifecycle.py) ----------------------------
@@ -872,6 +940,7 @@ def _start_run(
     recovery: RecoveryPolicy,
     session_timeout: float,
     kernel_checkpoint_dir: str | Path | None = None,
+    eval_pool: tuple[Pool | None, int] = (None, 0),
 ) -> OptimizationRun:
     """Start a run in a new session of ``pool``: run.json and data.json are written and
     signed, the kernel starts the run on a thread, and the live handle follows it."""
@@ -894,6 +963,8 @@ def _start_run(
         "program": program_obj,
         "sources": _program_sources(program_obj),  # inspect needs them in the kernel
     }
+    if eval_pool[0] is not None:
+        objects["eval_pool"] = eval_pool[0].name  # the kernel asks the notebook to evaluate
     session = pool.session(timeout=session_timeout)
     try:
         spec = checkpoint_mirror.start(session, folder, spec, data, kernel_checkpoint_dir)
@@ -913,6 +984,8 @@ def _start_run(
     )
     run.resume_objects = objects
     run.trusted_modules = modules_named(spec)  # the user typed these references
+    if eval_pool[0] is not None:
+        run.attach_eval_pool(eval_pool[0], eval_pool[1], data)
     run.follow_events()
     run_started(run)
     return run
@@ -939,6 +1012,7 @@ def compile(  # DSPy's own verb: tp.compile(student, trainset=...)
     max_tokens: int | None = None,
     max_cost: float | None = None,
     kernel_checkpoint_dir: str | Path | None = None,
+    eval_pool: Pool | str | None = None,
     **compile_kwargs: Any,
 ) -> Any:
     """``teleprompter.compile(student, trainset=..., valset=...)`` in a session of
@@ -948,7 +1022,11 @@ def compile(  # DSPy's own verb: tp.compile(student, trainset=...)
     SIMBA show their own progress and resume from their checkpoints, any other resumes by
     starting over. The teleprompter travels by value (in memory only); its LMs go without
     the calls they made here. Returns the live ``OptimizationRun`` at once, or with
-    ``wait=True`` the optimized ``dspy.Module``, as ``teleprompter.compile`` does."""
+    ``wait=True`` the optimized ``dspy.Module``, as ``teleprompter.compile`` does.
+
+    ``eval_pool`` (a pool or its name): each ``dspy.Evaluate`` of the run is spread over
+    that pool's kernels (all but the run's own when it is ``pool``), with the same result
+    as on one kernel: see ``core/eval_dispatch.py``."""
     import dspy
 
     _check_teleprompter(teleprompter)
@@ -956,6 +1034,7 @@ def compile(  # DSPy's own verb: tp.compile(student, trainset=...)
         raise InvalidSpec("compile() needs the program to optimize", hint="pass student=")
     budget = _budget(max_calls=max_calls, max_tokens=max_tokens, max_cost=max_cost)
     pool_obj = _resolve_pool(pool, manager)
+    evaluation = _resolve_eval_pool(eval_pool, pool_obj, manager)
     policy = RecoveryPolicy.coerce(recovery if recovery is not None else pool_obj.spec.recovery)
     cls = type(teleprompter)
     args, lms = _constructor_record(teleprompter)
@@ -987,6 +1066,7 @@ def compile(  # DSPy's own verb: tp.compile(student, trainset=...)
         recovery=policy,
         session_timeout=session_timeout,
         kernel_checkpoint_dir=kernel_checkpoint_dir,
+        eval_pool=evaluation,
     )
     if wait:
         result = run.result()
@@ -1015,6 +1095,7 @@ def resume(
     max_tokens: int | None = None,
     max_cost: float | None = None,
     kernel_checkpoint_dir: str | Path | None = None,
+    eval_pool: Pool | str | None = None,
     _legacy_lms: dict[str, Any] | None = None,
 ) -> OptimizationRun:
     """Go on from a run's newest checkpoint (or ``snapshot``), in a new session: exactly
@@ -1026,7 +1107,8 @@ def resume(
     when it was defined in the notebook, the ``lm`` its program ran with. A folder this
     user's key did not sign is data: nothing it names is imported unless ``trust=True``
     (see MIPROv2.resume for the trusted-module rules). A budget given here replaces the
-    run's (resume a ``BudgetExceeded`` run with a bigger one)."""
+    run's (resume a ``BudgetExceeded`` run with a bigger one). ``eval_pool`` as in
+    ``compile`` (a run of this process keeps the one it was started with)."""
     from ..checkpoint import read_json_checked
 
     if teleprompter is not None:
@@ -1057,6 +1139,12 @@ def resume(
         teleprompter = earlier["teleprompter"]
     if earlier.get("compile_kwargs"):
         objects["compile_kwargs"] = earlier["compile_kwargs"]
+    earlier_run = _live_runs.get(spec["run_id"])
+    if eval_pool is None and earlier_run is not None:
+        eval_pool = earlier_run.eval_pool
+    evaluation = _resolve_eval_pool(eval_pool, pool_obj, manager)
+    if evaluation[0] is not None:
+        objects["eval_pool"] = evaluation[0].name
     if _legacy_lms is not None and "lms" in spec:  # MIPROv2.resume of a compile() run
         lm = lm if lm is not None else _legacy_lms.get("task_lm") or earlier.get("task_lm")
         _legacy_lms = None
@@ -1082,6 +1170,8 @@ def resume(
     )
     run.resume_objects = objects
     run.trusted_modules = modules
+    if evaluation[0] is not None:
+        run.attach_eval_pool(evaluation[0], evaluation[1], read_json_checked(folder.data_file))
     run.follow_events()
     run_started(run)
     return run

@@ -13,6 +13,7 @@ from .. import exchange, protocol
 from .lm_failures import lm_failure_details
 from .ops import OpContext, Sender
 from .registry import get_op
+from .reply_log import ReplyLog
 from .state import STATE
 
 _installed = False
@@ -24,11 +25,12 @@ def _signature(handler: Any) -> inspect.Signature:
 
 
 def handle_message(
-    data: Any, buffers: list[Any], send: Sender | None = None
+    data: Any, buffers: list[Any], send: Sender | None = None, replies: ReplyLog | None = None
 ) -> tuple[dict[str, Any], list[bytes]]:
     """Answer one request; the pure core of the comm handler (tested without a kernel).
 
-    ``send`` lets an op publish messages of its own later (streams do, from a thread).
+    ``send`` lets an op publish messages of its own later (streams do, from a thread);
+    ``replies`` is the comm's reply log (ops ``hello`` and ``replies`` use it).
     """
     req_id = data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else ""
     try:
@@ -48,7 +50,7 @@ def handle_message(
             ),
             [],
         )
-    ctx = OpContext(request, buffers, send)
+    ctx = OpContext(request, buffers, send, replies=replies)
     try:
         _signature(handler).bind(ctx, **request.args)
     except TypeError as exc:
@@ -72,6 +74,8 @@ def _on_comm_open(comm: Any, open_msg: dict[str, Any]) -> None:
     # Big buffers to and from a kernel on another machine travel in pieces
     # (exchange.send_in_pieces): the client says how big a reply's pieces may be.
     pieces = exchange.PieceReceiver()
+    # Replies kept for a client over a gateway's websocket (off until hello asks for it).
+    replies = ReplyLog()
 
     def on_msg(msg: dict[str, Any]) -> None:
         content = msg.get("content") or {}
@@ -80,16 +84,26 @@ def _on_comm_open(comm: Any, open_msg: dict[str, Any]) -> None:
         if pieces.is_piece(data):
             pieces.piece(data, buffers)
             return
+        req_id = str(data.get("id", "")) if isinstance(data, dict) else ""
+        wants_reply = not (isinstance(data, dict) and data.get("noreply") is True)
+        if replies.enabled and isinstance(data, dict):
+            replies.acknowledge(data.get("acked"))
+            if wants_reply:
+                replies.started(req_id)
         try:
             buffers = pieces.take(data, buffers)
         except exchange.ExchangeError as exc:
-            req_id = str(data.get("id", "")) if isinstance(data, dict) else ""
-            comm.send(data=protocol.error_from_exception(req_id, exc))
+            error = protocol.error_from_exception(req_id, exc)
+            if wants_reply:
+                replies.answered(req_id, error, [], None)
+            comm.send(data=error)
             return
-        reply, buffers = handle_message(data, buffers, send)
-        if not (isinstance(data, dict) and data.get("noreply") is True and reply["ok"]):
+        reply, buffers = handle_message(data, buffers, send, replies)
+        if wants_reply or not reply["ok"]:
             chunk_max = data.get("chunk_max") if isinstance(data, dict) else None
             chunk_max = chunk_max if type(chunk_max) is int and chunk_max > 0 else None
+            if wants_reply:
+                replies.answered(req_id, reply, buffers, chunk_max)
             exchange.send_in_pieces(_comm_send(comm), reply, buffers, chunk_max)
 
     def send(data: dict[str, Any], buffers: list[bytes] | None = None) -> None:

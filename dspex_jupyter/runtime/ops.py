@@ -14,6 +14,7 @@ from typing import Any
 from .. import exchange, protocol
 from .exchange_ops import kernel_config
 from .registry import op
+from .reply_log import KEPT, ReplyLog
 from .state import STATE, SessionRecord, current_session
 
 # Modules whose presence in sys.modules says a kernel has loaded something heavy.
@@ -32,6 +33,7 @@ class OpContext:
     buffers: list[Any]
     send: Sender | None = None
     out_buffers: list[bytes] = field(default_factory=list)
+    replies: ReplyLog | None = None  # the comm's kept replies (see reply_log.py)
 
     def decode(self, desc: Any) -> Any:
         # Values travel in tiers (message, memory-mapped file, Arrow file): exchange.py.
@@ -87,9 +89,13 @@ def _in_session(ctx: OpContext) -> SessionRecord | None:
 
 
 @op("hello")
-def hello(ctx: OpContext) -> dict[str, Any]:
+def hello(ctx: OpContext, keep_replies: bool = False) -> dict[str, Any]:
+    """``keep_replies``: the client's connection may drop (a gateway's websocket), so keep
+    recent replies for it to ask about (op ``replies``)."""
     from .. import __version__
 
+    if keep_replies is True and ctx.replies is not None:
+        ctx.replies.enabled = True
     return {
         "protocol": protocol.PROTOCOL_VERSION,
         "runtime_version": __version__,
@@ -98,6 +104,27 @@ def hello(ctx: OpContext) -> dict[str, Any]:
         "executable": sys.executable,
         "prefix": sys.prefix,
     }
+
+
+@op("replies")
+def replies(ctx: OpContext, ids: list[str], resend: bool = False) -> dict[str, str]:
+    """What became of these requests after the client's connection dropped: their reply
+    ``kept`` (sent again first when ``resend``), ``running``, ``not_kept`` (answered, but too
+    big to keep or already evicted) or ``unknown`` (never received)."""
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise TypeError("replies 'ids' must be a list of request ids")
+    log = ctx.replies
+    if log is None or not log.enabled:
+        raise RuntimeError("this comm keeps no replies (hello was not asked to keep them)")
+    statuses = {req_id: log.status(req_id) for req_id in ids}
+    if resend and ctx.send is not None:
+        send = ctx.send
+        for req_id, status in statuses.items():
+            kept = log.kept(req_id) if status == KEPT else None
+            if kept is not None:
+                reply, buffers, chunk_max = kept
+                exchange.send_in_pieces(send, reply, buffers, chunk_max)
+    return statuses
 
 
 @op("init_session")

@@ -138,6 +138,8 @@ def lm_failure_kind(exc: BaseException) -> str | None:
     ``lm_failures``), or None when the exception is the program's own."""
     from .lm_failures import lm_failure
 
+    if getattr(exc, "infrastructure", None) is True:  # met in an eval pool's kernel
+        return getattr(exc, "lm_failure_kind", None)
     return lm_failure(exc)
 
 
@@ -146,6 +148,8 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         if (cls.__module__, cls.__name__) in INFRASTRUCTURE_ERRORS:
             return True
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        return True
+    if getattr(exc, "infrastructure", None) is True:  # met in an eval pool's kernel
         return True
     return lm_failure_kind(exc) is not None
 
@@ -1066,6 +1070,12 @@ def build_teleprompter(
     return cls(**kwargs), lm
 
 
+def metric_of(teleprompter: Any) -> Any:
+    """The teleprompter's metric (GEPA keeps it as ``metric_fn``)."""
+    metric = getattr(teleprompter, "metric", None)
+    return metric if metric is not None else getattr(teleprompter, "metric_fn", None)
+
+
 # ---- runs in this kernel -------------------------------------------------------------
 RUNS: dict[str, RunRecorder] = {}
 
@@ -1076,10 +1086,11 @@ def error_event(error: BaseException, rec: RunRecorder) -> dict[str, Any]:
     hint). Every failure stops at a clean snapshot."""
     from .lm_failures import lm_failure_details
 
-    details = lm_failure_details(error)
+    remote = getattr(error, "remote", None)  # met in an eval pool's kernel: as it was there
+    details = remote["details"] if remote else lm_failure_details(error)
     return {
-        "error_type": type(error).__name__,
-        "module": type(error).__module__,
+        "error_type": remote["type"] if remote else type(error).__name__,
+        "module": remote["module"] if remote else type(error).__module__,
         "message": str(error),
         "infrastructure": is_infrastructure_error(error),
         "resumable": True,
@@ -1108,6 +1119,7 @@ def _run_thread(
     try:
         check_dspy_version()  # adapters follow one DSPy release: refuse others clearly
         teleprompter, lm = build_teleprompter(spec, objects, trusted_only=trusted_only)
+        run_metric = metric_of(teleprompter)  # before an adapter wraps it
         adapter = adapter_for(type(teleprompter))
         program = build_program(spec["program"], objects.get("program"))
         program = attach_sources(program, objects.get("sources"))  # inspect reads its cells
@@ -1117,6 +1129,12 @@ def _run_thread(
         run = RunContext(rec, adapter, spec.get("recovery"), budget)
         rec.context = run
         optimizer = adapter.make_optimizer(teleprompter, run)
+        evaluation: Any = contextlib.nullcontext()
+        if objects.get("eval_pool"):  # dspex.compile(..., eval_pool=): see eval_remote.py
+            from .eval_remote import RemoteEvaluator, remote_evaluation
+
+            evaluator = RemoteEvaluator(rec, run, program, run_metric, trainset, valset)
+            evaluation = remote_evaluation(evaluator)
         rec.emit(
             "status",
             status="running",
@@ -1137,9 +1155,10 @@ def _run_thread(
         ):
             # Compile options that are not JSON (a teacher program) came by value.
             options = {**spec["compile"], **(objects.get("compile_kwargs") or {})}
-            best = adapter.compile(
-                optimizer, program, run, trainset=trainset, valset=valset, **options
-            )
+            with evaluation:
+                best = adapter.compile(
+                    optimizer, program, run, trainset=trainset, valset=valset, **options
+                )
         summary = dict(adapter.summary(optimizer, best, run))
         rec.result = {
             **summary,

@@ -469,3 +469,106 @@ def test_percent_runs_magic_all_filters_and_empty_hint(recorded, capsys, monkeyp
     shell.run_line_magic("dspex", "runs --compare aaa bbb")
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["aaa111", "bbb222"] and "+Add." in out
+
+
+# ---- every optimizer's trials ----------------------------------------------------------
+# "progress" events as each runtime adapter sends them after a step (runtime/gepa.py
+# GEPAAdapter.progress, copro.py, simba.py, bootstrap_rs.py through step_state.StepHooks,
+# generic.py per dspy.Evaluate), and one between steps (metric calls counted).
+STEP_EVENTS = {
+    "GEPA": {"iteration": 3, "metric_calls_used": 40, "max_metric_calls": 60, "candidates": 3,
+             "pareto_front": 2, "best_score": 0.75, "best_candidate": 2,
+             "proposal": {"instructions": {"pred": "x"}, "accepted": True, "candidate": 2,
+                          "score": 0.75}},
+    "COPRO": {"phase": "depth", "step": 2, "total": 3, "breadth": 3, "candidates": 6,
+              "evaluated": 6, "best_score": 62.5, "best_instruction": "Classify it."},
+    "SIMBA": {"phase": "step", "step": 2, "total": 3, "batch_size": 4, "programs": 5,
+              "baseline_score": 0.5, "step_best": 0.75, "best_score": 0.7},
+    "BootstrapFewShotWithRandomSearch": {"phase": "candidate", "step": 4, "total": 6,
+                                         "seed": 1, "score": 50.0, "best_score": 75.0,
+                                         "best_seed": -1},
+    "FirstDemos": {"metric_calls": 16, "evaluations": 2, "best_score": 87.5},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("optimizer", sorted(STEP_EVENTS))
+def test_every_optimizers_steps_are_trials(optimizer):
+    event = {"seq": 9, "time": 1234.5, "kind": "progress", "optimizer": optimizer,
+             **STEP_EVENTS[optimizer]}  # fmt: skip
+    (row,) = history.trials_of(event)
+    number, _, evaluated = history.PROGRESS_TRIALS.get(optimizer, history.GENERIC_TRIAL)
+    assert row["number"] == STEP_EVENTS[optimizer][number] and row["eval"] == evaluated
+    assert row["best_score"] == STEP_EVENTS[optimizer]["best_score"] and row["time"] == 1234.5
+    expected = {"GEPA": 0.75, "SIMBA": 0.75, "BootstrapFewShotWithRandomSearch": 50.0}
+    assert row["score"] == expected.get(optimizer)
+    assert "proposal" not in row["params"] and "best_score" not in row["params"]
+    json.dumps(row)  # the history stores it as JSON
+    between = {"seq": 10, "time": 1235.0, "kind": "progress", "optimizer": optimizer,
+               "metric_calls": 30}  # fmt: skip
+    assert history.trials_of(between) == []
+    assert history.trials_of({"kind": "phase", "phase": "x", "step": 1}) == []
+
+
+def test_a_step_optimizers_run_records_each_step_as_a_trial(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path / "home"))
+    run = RecordedRun("simba01", tmp_path / "ckpt")
+    run.optimizer = "SIMBA"
+    run.emit("status", status="running", optimizer="SIMBA")
+    for step in (1, 2, 3):  # many at once: a step's progress is never throttled away
+        run.emit("progress", optimizer="SIMBA", phase="step", step=step, total=3,
+                 step_best=0.5 + step / 10, best_score=0.4 + step / 10)  # fmt: skip
+        run.emit("progress", optimizer="SIMBA", metric_calls=step * 10)
+    assert history.writer.flush(30)
+    record = RunHistory().get("simba01")
+    assert record.optimizer == "SIMBA" and record.trials == 3
+    trials = RunHistory().trials("simba01")
+    assert [(t["number"], t["eval"], t["score"]) for t in trials] == [
+        (1, "minibatch", 0.6), (2, "minibatch", 0.7), (3, "minibatch", 0.8)]  # fmt: skip
+    run.finish("cancelled")
+
+
+def test_program_diff_shows_instructions_and_demos():
+    def program(text, demos):
+        return {"gen": {"signature": {"instructions": text}, "demos": demos}}
+
+    first = RunRecord("aaa111", best_program=program("Add.", [{"question": "1+1", "answer": "2"}]))
+    second = RunRecord("bbb222", best_program=program("Sum.", [
+        {"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4"}]))  # fmt: skip
+    diff = history.program_diff(first, second)
+    assert "-Add." in diff and "+Sum." in diff
+    at = diff.index("--- aaa111/gen/demos")
+    assert diff[at + 1] == "+++ bbb222/gen/demos"
+    assert "+question: 2+2 | answer: 4" in diff and " question: 1+1 | answer: 2" in diff
+    assert history.program_diff(first, first) == []
+
+
+def test_sweeps_are_recorded_and_found_by_id_prefix_or_name(store):
+    runs = [{"index": 0, "label": "MIPROv2 seed=0", "run_id": "r1", "checkpoint_dir": "/x/00",
+             "status": "completed"}]  # fmt: skip
+    store.record_sweep("abc123def456", name="seeds", status="running", runs=runs,
+                       configs=[{"label": "MIPROv2 seed=0", "args": {"seed": 0}}],
+                       budget={"max_calls": 500}, pool="opt", pid=os.getpid())  # fmt: skip
+    store.record_sweep("abc123def456", status="completed")  # the rest is kept
+    for key in ("abc123def456", "abc1", "seeds"):
+        found = store.get_sweep(key)
+        assert (found.sweep_id, found.name, found.status) == ("abc123def456", "seeds", "completed")
+        assert found.runs == runs and found.budget == {"max_calls": 500}
+    assert [s.name for s in store.sweeps()] == ["seeds"]
+    with pytest.raises(RunNotFound, match="no sweep 'nope'") as missing:
+        store.get_sweep("nope")
+    assert "name" in missing.value.hint
+
+
+def test_a_version_1_history_gains_the_sweeps_table(store):
+    with sqlite3.connect(store.path.parent.mkdir(mode=0o700, parents=True) or store.path) as conn:
+        for statement in history._SCHEMA.split("CREATE TABLE IF NOT EXISTS sweeps")[0].split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("ALTER TABLE runs DROP COLUMN pid")  # an early version-1 file had none
+        conn.execute("INSERT INTO runs (run_id, created, updated) VALUES ('old1', 1, 1)")
+        conn.execute("PRAGMA user_version = 1")
+    assert store.sweeps() == [] and store.get("old1").run_id == "old1"
+    store.record_sweep("s1", name="after-upgrade")
+    assert store.get_sweep("after-upgrade").sweep_id == "s1"
+    store.record("old1", status="running", pid=os.getpid())
+    assert store.get("old1").pid == os.getpid() and store.get("old1").created == 1

@@ -122,3 +122,38 @@ def test_dspex_runs_export_reads_the_history_of_home(recorded, mlflow_store, tmp
     logged = client.get_run(mlflow_run)
     assert logged.data.tags["dspex.run_id"] == "aaa111"
     assert len(client.get_metric_history(mlflow_run, "eval_full")) == 2  # the trials came too
+
+
+def test_a_live_step_optimizer_run_exports_each_step_as_a_trial(mlflow_store, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    """A SIMBA run handle's step "progress" events (no "trial" events) become per-trial
+    metrics and nested runs, a step redone after a resume counted once."""
+    from .test_history import RecordedRun
+
+    monkeypatch.setenv("DSPEX_HOME", str(tmp_path / "home"))
+    uri, client = mlflow_store
+    run = RecordedRun("simba02", tmp_path / "ckpt")
+    run.optimizer = "SIMBA"
+    steps = (
+        (1, 0.25, 0.25, 10.0),
+        (2, 0.5, 0.5, 11.0),
+        (2, 0.75, 0.75, 12.0),
+        (3, 0.5, 0.75, 13.0),
+    )  # fmt: skip  (step 2 redone after a resume)
+    for step, step_best, best, time_ in steps:
+        run.emit("progress", optimizer="SIMBA", phase="step", step=step, total=3,
+                 step_best=step_best, best_score=best, time=time_)  # fmt: skip
+    run.emit("complete", best_score=0.75, usage={"calls": 12})
+    run.finish("completed")
+    run_id = to_mlflow(run, tracking_uri=uri, experiment=EXPERIMENT)
+
+    def history(key):
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    assert history("eval_minibatch") == [(0, 0.25), (1, 0.75), (2, 0.5)]
+    assert [v for _, v in history("best_score")][:3] == [0.25, 0.75, 0.75]
+    assert client.get_run(run_id).data.metrics["trials"] == 3
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}'")  # fmt: skip
+    assert sorted(c.info.run_name for c in children) == [
+        "eval_minibatch_0", "eval_minibatch_1", "eval_minibatch_2"]  # fmt: skip

@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     "session",
     "start",
     "stop",
+    "sweeps",
 ]
 
 
@@ -400,8 +401,10 @@ OPTIMIZE = "optimize --pool p --program prog --trainset trainst --metric metrik 
 
 def test_every_missing_variable_is_named_at_once_with_suggestions(ip, capsys, monkeypatch):
     monkeypatch.setattr(registry, "find_pool", lambda name: pytest.fail("looked for a pool"))
-    for name in ("program", "trainset", "metric", "run_missing_vars"):
-        ip.user_ns.pop(name, None)
+    # Only the names this test defines may be near-misses (another test may have left
+    # `train` or `task` in the shared shell's namespace).
+    for name in [n for n in ip.user_ns if not n.startswith("_")]:
+        monkeypatch.delitem(ip.user_ns, name)
     ip.user_ns.update(program=object(), trainset=[], metric=len)
     try:
         dspex(ip, OPTIMIZE)
