@@ -156,11 +156,7 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> RunRecord:
-        values = dict(row)
-        for name, kind in _COLUMNS.items():
-            if kind == "json" and values.get(name) is not None:
-                values[name] = json.loads(values[name])
-        return cls(**values)
+        return cls(**_decoded(row, _COLUMNS))
 
     @property
     def instructions(self) -> dict[str, str]:
@@ -525,11 +521,7 @@ class SweepRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SweepRecord:
-        values = dict(row)
-        for name, kind in _SWEEP_COLUMNS.items():
-            if kind == "json" and values.get(name) is not None:
-                values[name] = json.loads(values[name])
-        return cls(**values)
+        return cls(**_decoded(row, _SWEEP_COLUMNS))
 
 
 def _add_missing_run_columns(conn: sqlite3.Connection) -> None:
@@ -540,6 +532,15 @@ def _add_missing_run_columns(conn: sqlite3.Connection) -> None:
     for name, kind in _COLUMNS.items():
         if name not in have:
             conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {types[kind]}")
+
+
+def _decoded(row: sqlite3.Row, columns: dict[str, str]) -> dict[str, Any]:
+    """A row's values with its JSON columns parsed."""
+    values = dict(row)
+    for name, kind in columns.items():
+        if kind == "json" and values.get(name) is not None:
+            values[name] = json.loads(values[name])
+    return values
 
 
 def _upsert_sql(table: str, key: str, names: list[str]) -> str:

@@ -14,6 +14,8 @@ import pytest
 
 from dspex_jupyter import PoolSpec, load_pool_specs
 from dspex_jupyter.core.errors import (
+    GatewayAuthFailed,
+    GatewayError,
     GatewayKernelLost,
     GatewaySessionLost,
     GatewayUnavailable,
@@ -243,3 +245,33 @@ def test_unreadable_tls_files_are_invalid_spec(tmp_path):
     with pytest.raises(InvalidSpec, match="TLS files cannot be read") as info:
         _ = GatewayClient(config, None, "gw").ssl
     assert "PEM" in info.value.hint
+
+
+def test_a_403_is_a_gateway_error_quoting_the_gateway_not_a_token_error():
+    """A stand-in for Enterprise Gateway's refusal of a user (a real HTTP server on loopback,
+    answering as EG 3.3 does: JSON with "reason" and "message")."""
+    from aiohttp import web
+
+    refusal = "User 'root' is not authorized to start kernel 'python3'."
+
+    async def refuse(request):
+        return web.json_response({"reason": refusal, "message": ""}, status=403)
+
+    async def ask():
+        app = web.Application()
+        app.router.add_get("/api/kernelspecs", refuse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        client = GatewayClient(GatewayConfig(f"http://127.0.0.1:{port}"), "a-token", "gw")
+        try:
+            await client.kernelspecs()
+        finally:
+            await client.close()
+            await runner.cleanup()
+
+    with pytest.raises(GatewayError, match="HTTP 403: User 'root' is not authorized") as info:
+        asyncio.run(ask())
+    assert not isinstance(info.value, GatewayAuthFailed)
